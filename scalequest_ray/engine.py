@@ -1,0 +1,94 @@
+"""vLLM replica pools on Ray Data, built from a ModelConfig through `ray.data.llm`."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from .config import ModelConfig, RunConfig
+
+# Columns of Ray Data LLM's output rows that we never keep (large, or internal bookkeeping).
+ENGINE_COLUMNS = (
+    "prompt", "prompt_token_ids", "generated_tokens", "generated_text", "num_input_tokens",
+    "num_generated_tokens", "embeddings", "metrics", "logprobs", "prompt_logprobs", "request_id",
+    "batch_uuid", "time_taken_llm", "params", "sampling_params", "__inference_error__",
+)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join the configured cluster (or RAY_ADDRESS, as under `ray job submit`), else start one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+
+
+def engine_kwargs(model: ModelConfig) -> dict:
+    e, s = model.engine, model.scale
+    kwargs = dict(
+        dtype=e.dtype,
+        max_model_len=e.max_model_len,
+        enforce_eager=e.enforce_eager,
+        max_num_seqs=e.max_num_seqs,
+        enable_chunked_prefill=e.enable_chunked_prefill,
+        enable_prefix_caching=e.enable_prefix_caching,
+        trust_remote_code=e.trust_remote_code,
+        tensor_parallel_size=s.tensor_parallel_size,
+    )
+    if not e.enable_chunked_prefill:
+        # Without chunking, one step must fit the longest prompt; allow a full batch of them.
+        kwargs["max_num_batched_tokens"] = max(e.max_model_len, 16384)
+    if s.gpus_per_replica > 0:
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    kwargs.update(e.extra)
+    return kwargs
+
+
+def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable):
+    """A Ray Data LLM processor: preprocess -> vLLM actor pool -> postprocess.
+
+    We render prompts ourselves (pure string work on the chat template, see text.turn_template),
+    so Ray Data LLM's chat-template, tokenize and detokenize actor pools are switched off:
+    vLLM tokenizes and detokenizes inside the engine, and each extra pool would hold CPUs.
+    Failing rows (e.g. a prompt longer than the context) come back with `__inference_error__`
+    set instead of killing the stage.
+    """
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    s = model.scale
+    on_gpu = s.gpus_per_replica > 0
+    if on_gpu and s.tensor_parallel_size > 1:
+        placement = {"bundle_per_worker": {"CPU": max(s.cpus_per_replica / s.tensor_parallel_size, 1), "GPU": 1}}
+    else:
+        bundle = {"CPU": s.cpus_per_replica}
+        if on_gpu:
+            bundle["GPU"] = s.gpus_per_replica
+        placement = {"bundles": [bundle]}
+    env = {} if on_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(model.engine.cpu_kv_cache_gib)}
+    config = vLLMEngineProcessorConfig(
+        model_source=model.path,
+        engine_kwargs=engine_kwargs(model),
+        runtime_env={"env_vars": env} if env else None,
+        batch_size=s.batch_size,
+        concurrency=tuple(s.replicas),
+        accelerator_type=s.accelerator_type,
+        placement_group_config=placement,
+        # The engine metrics exporter needs ray[serve]'s Prometheus bits, which we do not ship.
+        log_engine_metrics=False,
+        should_continue_on_error=True,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+def keep_all(row: dict) -> dict:
+    """Postprocess that keeps every column, so success rows have the same schema as error rows
+    (Ray Data LLM returns error rows whole and skips postprocess for them)."""
+    return dict(row)

@@ -1,0 +1,42 @@
+"""The configured sequence of stages, each committed by its manifest before the next starts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import RunConfig
+from .runner import StageResult, run_stage
+from .storage import Storage
+
+
+def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
+    """What a stage's output depends on besides its own config: the upstream stage's hash."""
+    if stage == "responses":
+        if cfg.stages.responses.input:
+            return "input:" + cfg.stages.responses.input
+        m = storage.manifest("questions")
+        return "questions:" + m["config_hash"] if m else None
+    return None
+
+
+def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False, echo=print) -> list[StageResult]:
+    from .engine import init_ray
+    from .stages import questions, responses
+
+    builders = {"questions": questions.build, "responses": responses.build}
+    storage = Storage(cfg.root, cfg.storage.endpoint_url)
+    selected = stages or cfg.pipeline
+    for stage in selected:
+        if getattr(cfg.stages, stage) is None:
+            raise ValueError(f"stages.{stage} is not configured")
+    init_ray(cfg)
+    # Cheap checks of the user's input file happen before any engine starts.
+    if "responses" in selected and cfg.stages.responses.input:
+        responses.read_input(cfg.stages.responses.input, cfg.storage.endpoint_url)
+    results = []
+    for stage in selected:
+        result = run_stage(cfg, storage, stage, lambda s=stage: builders[s](cfg, storage),
+                           upstream=_upstream(cfg, storage, stage), force=force)
+        echo(result.summary())
+        results.append(result)
+    return results

@@ -1,0 +1,167 @@
+"""Response generation (ScaleQuest stage 5): the solver writes n step-by-step candidates per question.
+
+Input is any dataset with a `query` column: the questions stage of this run, or the user's own
+Parquet/JSONL, local or on S3. Each question becomes n engine requests (one per `sample_idx`,
+each with its own derived seed) instead of one request with vLLM's `n`: Ray Data LLM keeps only
+the first output of a request, so `n > 1` would silently lose candidates. vLLM's prefix cache
+shares the question's KV cache between the n requests, which is what `n` would have bought.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pandas as pd
+import pyarrow as pa
+
+from ..config import RunConfig
+from ..engine import build_llm, keep_all
+from ..models import load_tokenizer
+from ..runner import REASON, TOKENS, InputError
+from ..storage import Storage, resolve
+from ..text import derive_seed, extract_answer, finish_reason, solver_user_text, stop_criteria, turn_template
+
+SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("sample_idx", pa.int64()),
+    ("query", pa.string()),
+    ("response", pa.string()),
+    ("answer", pa.string()),
+    ("answer_format", pa.string()),
+    ("solver_model", pa.string()),
+    ("seed", pa.int64()),
+    ("sampling", pa.string()),
+    ("finish_reason", pa.string()),
+    ("num_input_tokens", pa.int64()),
+    (TOKENS, pa.int64()),
+    (REASON, pa.string()),
+    ("error", pa.string()),
+])
+
+
+def read_input(uri: str, endpoint=None):
+    """A Ray Dataset over a Parquet/JSONL file or folder (local or s3://), validated cheaply."""
+    import ray
+
+    fs, path = resolve(uri, endpoint)
+    from pyarrow.fs import FileSelector, FileType
+
+    info = fs.get_file_info(path)
+    if info.type == FileType.NotFound:
+        raise InputError(f"input {uri} does not exist")
+    names = [path] if info.type == FileType.File else [
+        i.path for i in fs.get_file_info(FileSelector(path, recursive=True)) if i.type == FileType.File
+    ]
+    if any(n.endswith(".parquet") for n in names):
+        reader, exts = ray.data.read_parquet, ["parquet"]
+    elif any(n.endswith((".jsonl", ".json")) for n in names):
+        reader, exts = ray.data.read_json, ["jsonl", "json"]
+    else:
+        raise InputError(f"input {uri} has no .parquet, .jsonl or .json files")
+    if all(fs.get_file_info(n).size == 0 for n in names if n.endswith(tuple(exts))):
+        raise InputError(f"input {uri} is empty")
+    try:
+        ds = reader(path, filesystem=fs, file_extensions=exts)
+        columns = ds.schema().names
+    except Exception as e:  # unreadable file: say which, in one line
+        raise InputError(f"cannot read input {uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if "query" not in columns:
+        raise InputError(f"input {uri} has no 'query' column (columns: {', '.join(columns)})")
+    return ds
+
+
+def stable_query_id(query: str) -> str:
+    return "q-" + hashlib.sha1(query.encode()).hexdigest()[:16]
+
+
+def normalize(batch: pd.DataFrame, max_query_chars: int) -> pd.DataFrame:
+    """Give every input row a query_id and a reason if it must not reach the engine."""
+    queries = batch["query"].map(lambda q: q if isinstance(q, str) else ("" if q is None else str(q)))
+    if "query_id" in batch.columns:
+        ids = [str(i) if i is not None and str(i) else stable_query_id(q) for i, q in zip(batch["query_id"], queries)]
+    else:
+        ids = [stable_query_id(q) for q in queries]
+    reasons = [
+        "empty_query" if not q.strip() else "query_too_long" if len(q) > max_query_chars else None
+        for q in queries
+    ]
+    return pd.DataFrame({"query_id": ids, "query": queries, REASON: reasons})
+
+
+def _excluded_inputs(batch: pd.DataFrame, solver: str) -> pa.Table:
+    bad = batch[batch[REASON].notna()]
+    rows = [{"query_id": r["query_id"], "query": r["query"], "solver_model": solver, REASON: r[REASON],
+             TOKENS: 0} for r in bad.to_dict("records")]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _expand(batch: pd.DataFrame, n: int, run_seed: int) -> pd.DataFrame:
+    good = batch[batch[REASON].isna()]
+    out = {"query_id": [], "query": [], "sample_idx": [], "seed": []}
+    for qid, q in zip(good["query_id"], good["query"]):
+        for k in range(n):
+            out["query_id"].append(qid)
+            out["query"].append(q)
+            out["sample_idx"].append(k)
+            out["seed"].append(derive_seed(run_seed, "responses", qid, k))
+    return pd.DataFrame(out)
+
+
+class _Prompt:
+    def __init__(self, prefix: str, suffix: str, instruction: str, sampling: dict):
+        self.prefix, self.suffix, self.instruction, self.sampling = prefix, suffix, instruction, sampling
+
+    def __call__(self, row: dict) -> dict:
+        user = solver_user_text(row["query"], self.instruction)
+        return {"prompt": self.prefix + user + self.suffix,
+                "sampling_params": {**self.sampling, "seed": int(row["seed"])}}
+
+
+def finalize(batch: pd.DataFrame, solver: str, sampling: dict, stop_ids: list, max_model_len: int) -> pa.Table:
+    rows = []
+    sampling_json = json.dumps(sampling, sort_keys=True)
+    for r in batch.to_dict("records"):
+        error = r.get("__inference_error__") or None
+        text = r.get("generated_text") or ""
+        tokens = list(r.get("generated_tokens") if r.get("generated_tokens") is not None else [])
+        n_in, n_out = int(r.get("num_input_tokens") or 0), int(r.get("num_generated_tokens") or 0)
+        answer, how = (None, None) if error else extract_answer(text)
+        rows.append({
+            "query_id": r["query_id"], "sample_idx": int(r["sample_idx"]), "query": r["query"],
+            "response": None if error else text.strip(), "answer": answer, "answer_format": how,
+            "solver_model": solver, "seed": int(r["seed"]), "sampling": sampling_json,
+            "finish_reason": None if error else finish_reason(
+                n_out, min(sampling["max_tokens"], max_model_len - n_in), tokens[-1] if tokens else None, stop_ids),
+            "num_input_tokens": n_in, TOKENS: n_out,
+            REASON: "engine_error" if error else None, "error": error,
+        })
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def input_uri(cfg: RunConfig, storage: Storage) -> str:
+    return cfg.stages.responses.input or storage.uri("questions", "data")
+
+
+def build(cfg: RunConfig, storage: Storage):
+    rcfg = cfg.stages.responses
+    model = cfg.models[rcfg.model]
+    source = read_input(input_uri(cfg, storage), cfg.storage.endpoint_url)
+    if source.count() == 0:
+        raise InputError(f"input {input_uri(cfg, storage)} has no rows")
+
+    tokenizer = load_tokenizer(model.path)
+    turn = turn_template(tokenizer)
+    stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
+    sampling = {"temperature": rcfg.sampling.temperature, "top_p": rcfg.sampling.top_p,
+                "max_tokens": rcfg.sampling.max_tokens, "stop_token_ids": stops, "stop": stop_strings}
+
+    normalized = source.map_batches(normalize, batch_format="pandas", fn_kwargs={"max_query_chars": rcfg.max_query_chars})
+    rejected = normalized.map_batches(_excluded_inputs, batch_format="pandas", fn_kwargs={"solver": model.path})
+    requests = normalized.map_batches(_expand, batch_format="pandas", fn_kwargs={"n": rcfg.n, "run_seed": cfg.seed})
+    processor = build_llm(model, _Prompt(turn.prefix, turn.suffix, rcfg.instruction, sampling), keep_all)
+    generated = processor(requests).map_batches(
+        finalize, batch_format="pandas",
+        fn_kwargs=dict(solver=model.path, sampling=sampling, stop_ids=stops, max_model_len=model.engine.max_model_len),
+    )
+    return generated.union(rejected)

@@ -1,0 +1,145 @@
+"""Run storage: a local directory or s3://bucket/prefix on any S3-compatible endpoint.
+
+Layout of a stage:
+    <root>/<stage>/data/*.parquet          the stage's rows
+    <root>/<stage>/exclusions/*.parquet    rows dropped, each with `exclude_reason`
+    <root>/<stage>/_manifest.json          written LAST, only after every shard is written
+
+A stage is finished if and only if its manifest exists; data without a manifest is a stage that
+died half-way and is cleared before the stage runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+
+
+def endpoint_url(configured: Optional[str] = None) -> Optional[str]:
+    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def arrow_s3(endpoint: Optional[str] = None) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem; credentials come from the AWS default chain only."""
+    endpoint = endpoint_url(endpoint)
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    # Transient 5xx/throttling from the endpoint are retried by the AWS SDK itself.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3fs_filesystem(endpoint: Optional[str] = None):
+    import s3fs
+
+    endpoint = endpoint_url(endpoint)
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+
+
+def storage_options(endpoint: Optional[str] = None) -> dict:
+    """fsspec options for reading our outputs with `datasets`/pandas."""
+    endpoint = endpoint_url(endpoint)
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def resolve(uri: str, endpoint: Optional[str] = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or s3:// URI."""
+    if uri.startswith("s3://"):
+        return arrow_s3(endpoint), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+@dataclass
+class Storage:
+    root: str
+    endpoint: Optional[str] = None
+
+    def __post_init__(self):
+        self.fs, self.base = resolve(self.root, self.endpoint)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            os.makedirs(self.base, exist_ok=True)
+
+    # paths ---------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.base, *parts)
+
+    def uri(self, *parts: str) -> str:
+        p = self.path(*parts)
+        return "s3://" + p if self.root.startswith("s3://") else p
+
+    # primitives ----------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_json(self, path: str) -> dict:
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    def write_json(self, path: str, payload: dict) -> None:
+        data = json.dumps(payload, indent=2, sort_keys=True).encode()
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            # Atomic on local disks: a reader never sees a half-written manifest.
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:  # an S3 PUT is atomic by itself
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def delete_dir(self, path: str) -> None:
+        if self.exists(path):
+            self.fs.delete_dir(path)
+
+    def parquet_files(self, path: str) -> list[str]:
+        if not self.exists(path):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def count_rows(self, files: list[str]) -> int:
+        """Row count from Parquet footers only (no data read)."""
+        total = 0
+        for f in files:
+            with self.fs.open_input_file(f) as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total
+
+    # stages --------------------------------------------------------------------------------
+    def manifest(self, stage: str) -> Optional[dict]:
+        path = self.path(stage, MANIFEST)
+        return self.read_json(path) if self.exists(path) else None
+
+    def commit_stage(self, stage: str, fingerprint: str, started: float, extra: dict) -> dict:
+        """Write the manifest after every shard is on storage; return it."""
+        data_files = self.parquet_files(self.path(stage, "data"))
+        excl_files = self.parquet_files(self.path(stage, "exclusions"))
+        manifest = {
+            "stage": stage,
+            "config_hash": fingerprint,
+            "rows": self.count_rows(data_files),
+            "excluded_rows": self.count_rows(excl_files),
+            "files": [self._rel(f) for f in data_files],
+            "exclusion_files": [self._rel(f) for f in excl_files],
+            "started_at": started,
+            "finished_at": time.time(),
+            "seconds": round(time.time() - started, 3),
+            **extra,
+        }
+        self.write_json(self.path(stage, MANIFEST), manifest)
+        return manifest
+
+    def _rel(self, path: str) -> str:
+        return posixpath.relpath(path, self.base)

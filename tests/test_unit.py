@@ -1,0 +1,209 @@
+"""Fast unit tests: config, prompts, seeds, answer extraction, storage. No model, no Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from scalequest_ray.config import ConfigError, apply_overrides, load_config
+from scalequest_ray.storage import Storage
+from scalequest_ray.text import derive_seed, extract_answer, extract_boxed, finish_reason, turn_template
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _demo_raw(tmp_path) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    raw["models"]["smollm2"]["path"] = str(model_dir)
+    return raw
+
+
+def _load(tmp_path, raw, overrides=()):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path, list(overrides))
+
+
+# --- config -----------------------------------------------------------------------------------
+
+def test_demo_and_paper_configs_load(tmp_path):
+    cfg = _load(tmp_path, _demo_raw(tmp_path))
+    assert cfg.stages.questions.sampling.temperature == 1.0 and cfg.stages.responses.n == 5
+    paper = load_config(REPO / "configs" / "paper_gpu.yaml")
+    assert paper.models["qwen2-math-gen"].scale.gpus_per_replica == 1
+    assert paper.models["qwen2-math-gen"].scale.replicas == (1, 16)
+    assert paper.root.startswith("s3://")
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["models.smollm2.engine.bogus=1"], "models.smollm2.engine.bogus: unknown field"),
+    (["models.smollm2.scale.batch_size=lots"], "models.smollm2.scale.batch_size: Input should be a valid integer"),
+    (["models.smollm2.path=/does/not/exist"], "models.smollm2.path: local model directory /does/not/exist does not exist"),
+    (["stages.responses.model=ghost"], "stages.responses.model: model 'ghost' is not defined under models"),
+    (["models.smollm2.scale.replicas=[3, 1]"], "replicas must be (min, max) with 1 <= min <= max"),
+])
+def test_config_errors_are_one_clear_line(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, _demo_raw(tmp_path), override)
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+
+
+def test_missing_model_section(tmp_path):
+    raw = _demo_raw(tmp_path)
+    del raw["models"]["smollm2"]["path"]
+    with pytest.raises(ConfigError, match=r"models\.smollm2\.path: required field is missing"):
+        _load(tmp_path, raw)
+
+
+def test_overrides_parse_yaml_values_and_list_indices(tmp_path):
+    cfg = _load(tmp_path, _demo_raw(tmp_path), [
+        "stages.questions.generators.0.num_questions=7", "models.smollm2.scale.replicas=[1, 4]",
+        "stages.responses.sampling.temperature=0.5", "root=s3://bucket/x",
+    ])
+    assert cfg.stages.questions.generators[0].num_questions == 7
+    assert cfg.models["smollm2"].scale.replicas == (1, 4)
+    assert cfg.stages.responses.sampling.temperature == 0.5 and cfg.root == "s3://bucket/x"
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides({"a": [1]}, ["a.5=2"])
+
+
+def test_fingerprint_ignores_scale_but_not_sampling(tmp_path):
+    raw = _demo_raw(tmp_path)
+    base = _load(tmp_path, raw).stage_fingerprint("questions")
+    assert _load(tmp_path, raw, ["models.smollm2.scale.replicas=[1, 8]"]).stage_fingerprint("questions") == base
+    assert _load(tmp_path, raw, ["stages.questions.sampling.top_p=0.9"]).stage_fingerprint("questions") != base
+    assert _load(tmp_path, raw).stage_fingerprint("responses", "questions:a") != \
+        _load(tmp_path, raw).stage_fingerprint("responses", "questions:b")
+
+
+def test_cli_rejects_bad_config_fast_before_ray(tmp_path):
+    raw = _demo_raw(tmp_path)
+    raw["stages"]["questions"]["sampling"]["temprature"] = 1.0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "scalequest_ray.cli", "run", str(path)],
+                          capture_output=True, text=True)
+    elapsed = time.time() - start
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}: stages.questions.sampling.temprature: unknown field"]
+    assert elapsed < 3.0  # includes interpreter start; the check itself is well under a second
+
+
+def test_yaml_syntax_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+class _Tok:
+    """Just enough of a tokenizer to render a chat template (no model files needed)."""
+
+    def __init__(self, template, specials, eos):
+        from jinja2 import Template
+
+        self.chat_template, self._t, self.all_special_tokens, self.eos_token = template, Template(template), specials, eos
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return self._t.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe helpful.<|im_end|>\n"
+          "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+          "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def test_turn_template_chatml_with_system_prompt():
+    t = turn_template(_Tok(CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"))
+    assert t.prefix == "<|im_start|>system\nBe helpful.<|im_end|>\n<|im_start|>user\n"
+    assert t.suffix == "<|im_end|>\n<|im_start|>assistant\n"
+    assert t.end_of_turn == "<|im_end|>"
+    assert t.wrap("What is 2+2?") == t.prefix + "What is 2+2?" + t.suffix
+
+
+def test_turn_template_llama3():
+    t = turn_template(_Tok(LLAMA3, ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"], "<|eot_id|>"))
+    assert t.prefix == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert t.end_of_turn == "<|eot_id|>"
+    assert t.suffix.startswith("<|eot_id|><|start_header_id|>assistant")
+
+
+def test_turn_template_requires_a_template():
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ValueError, match="no chat template"):
+        turn_template(NoTemplate())
+
+
+# --- seeds, answers ---------------------------------------------------------------------------
+
+def test_seeds_are_deterministic_distinct_and_in_range():
+    seeds = [derive_seed(1234, "questions", "gen", i) for i in range(100_000)]
+    assert seeds == [derive_seed(1234, "questions", "gen", i) for i in range(100_000)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert derive_seed(1, "a", 0) != derive_seed(2, "a", 0) != derive_seed(1, "b", 0)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"so \boxed{42}.", "42"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"first \boxed{1} then \boxed{ 2 }", "2"),
+    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+    (r"\boxed{a^{b^{c}}} and \fbox{7}", "7"),
+    (r"\boxed{unclosed", None),
+    ("no box here", None),
+    ("", None),
+    (None, None),
+])
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_extract_answer_falls_back_to_answer_is_and_marks_it():
+    assert extract_answer(r"\boxed{3}, so the answer is 4.") == ("3", "boxed")
+    assert extract_answer("Adding them, the answer is 17.") == ("17", "answer_is")
+    assert extract_answer("Final answer: $x = 2$\n") == ("x = 2", "answer_is")
+    assert extract_answer("I do not know") == (None, None)
+
+
+def test_finish_reason():
+    assert finish_reason(10, 10, 5, [2]) == "length"
+    assert finish_reason(10, 10, 2, [2]) == "stop"
+    assert finish_reason(3, 10, 2, [2]) == "stop"
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+def test_manifest_counts_from_footers_and_commit_is_last(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    assert storage.manifest("s") is None
+    for i, n in enumerate([3, 4]):
+        path = Path(storage.path("s", "data", f"part-{i}.parquet"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"x": list(range(n))}), path)
+    m = storage.commit_stage("s", "abc", time.time(), {"uri": storage.uri("s")})
+    assert m["rows"] == 7 and m["excluded_rows"] == 0 and len(m["files"]) == 2
+    on_disk = json.loads(Path(storage.path("s", "_manifest.json")).read_text())
+    assert on_disk["config_hash"] == "abc" and storage.manifest("s")["rows"] == 7
