@@ -115,7 +115,7 @@ def fetch_demo_model(target: Path | None = None, force: bool = False) -> Path:
     return target
 
 
-def build_tiny_model(target: Path, tokenizer_from: Path | None = None, seed: int = 0, eos_weight: float = 0.15) -> Path:
+def build_tiny_model(target: Path, tokenizer_from: Path | None = None, seed: int = 0, eos_weight: float = 0.8) -> Path:
     """A 2-layer random llama with the demo model's tokenizer and chat template, for plumbing tests."""
     if (target / "config.json").exists():
         return target
@@ -138,6 +138,9 @@ def build_tiny_model(target: Path, tokenizer_from: Path | None = None, seed: int
     # tests see both. Everything else stays random.
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:  # no layer writes to channel 0: it stays exactly 1
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[tokenizer.eos_token_id, 0] = eos_weight
     model = model.to(torch.bfloat16)

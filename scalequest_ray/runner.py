@@ -56,7 +56,7 @@ def _block_stats(table: pa.Table) -> pa.Table:
         "reason": pc.fill_null(table[REASON], "kept"),
         "tokens": pc.fill_null(table[TOKENS].cast(pa.int64()), 0),
     }).group_by("reason").aggregate([("tokens", "count"), ("tokens", "sum")])
-    return grouped.rename_columns(["rows", "tokens", "reason"]).select(["reason", "rows", "tokens"])
+    return pa.table({"reason": grouped["reason"], "rows": grouped["tokens_count"], "tokens": grouped["tokens_sum"]})
 
 
 def run_stage(
