@@ -1,0 +1,12 @@
+"""Ray job entrypoint for the response-generation stage only; `--input` takes any Parquet/JSONL
+file or folder with a `query` column, local or s3:// (see run_pipeline.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_pipeline import entry  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(entry(sys.argv[1:], "responses"))
