@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from .config import ModelConfig, RunConfig
+from .storage import endpoint_url
+from .text import finish_reason
 
 # Columns of Ray Data LLM's output rows that we never keep (large, or internal bookkeeping).
 ENGINE_COLUMNS = (
@@ -49,7 +51,7 @@ def engine_kwargs(model: ModelConfig) -> dict:
     return kwargs
 
 
-def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable):
+def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s3_endpoint: Optional[str] = None):
     """A Ray Data LLM processor: preprocess -> vLLM actor pool -> postprocess.
 
     We render prompts ourselves (pure string work on the chat template, see text.turn_template),
@@ -70,6 +72,12 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable):
             bundle["GPU"] = s.gpus_per_replica
         placement = {"bundles": [bundle]}
     env = {} if on_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(model.engine.cpu_kv_cache_gib)}
+    endpoint = endpoint_url(s3_endpoint)
+    if model.path.startswith("s3://") and endpoint:
+        # Ray Data LLM downloads s3:// models itself (tokenizer files on the driver, weights on
+        # each replica's node) and reads a custom endpoint only from this variable.
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+        os.environ.setdefault("AWS_ENDPOINT_URL_S3", endpoint)
     config = vLLMEngineProcessorConfig(
         model_source=model.path,
         engine_kwargs=engine_kwargs(model),
@@ -86,6 +94,22 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable):
         detokenize_stage=False,
     )
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+def engine_result(row: dict, max_tokens: int, max_model_len: int, stop_ids: list) -> dict:
+    """The fields every stage reads from one engine output row (success or error row)."""
+    error = row.get("__inference_error__") or None
+    tokens = row.get("generated_tokens")
+    tokens = list(tokens) if tokens is not None else []
+    n_in, n_out = int(row.get("num_input_tokens") or 0), int(row.get("num_generated_tokens") or 0)
+    return {
+        "error": error,
+        "text": None if error else (row.get("generated_text") or ""),
+        "num_input_tokens": n_in,
+        "num_output_tokens": n_out,
+        "finish_reason": None if error else finish_reason(
+            n_out, min(max_tokens, max_model_len - n_in), tokens[-1] if tokens else None, stop_ids),
+    }
 
 
 def keep_all(row: dict) -> dict:

@@ -59,19 +59,19 @@ def check_model_ref(ref: str) -> str:
     return str(path)
 
 
-def load_tokenizer(ref: str):
+def load_tokenizer(ref: str, s3_endpoint: str | None = None):
     """Load a tokenizer from any model reference (for s3://, only the tokenizer files are fetched)."""
     from transformers import AutoTokenizer
 
     if model_kind(ref) == "s3":
-        ref = _download_s3_tokenizer(ref)
+        ref = _download_s3_tokenizer(ref, s3_endpoint)
     return AutoTokenizer.from_pretrained(ref)
 
 
-def _download_s3_tokenizer(uri: str) -> str:
+def _download_s3_tokenizer(uri: str, endpoint: str | None) -> str:
     from .storage import s3fs_filesystem
 
-    fs = s3fs_filesystem()
+    fs = s3fs_filesystem(endpoint)
     bucket_path = uri[len("s3://"):].rstrip("/")
     target = cache_dir() / "s3" / bucket_path.replace("/", "__")
     target.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.s3
 def test_pipeline_on_s3(tiny_model, ray_cluster, s3_server, tmp_path, capfd):
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="sq-runs")
-    cfg_dict = tiny_config(tiny_model, "s3://sq-runs/exp1", **{"storage.endpoint_url": s3_server})
+    # The model itself is read from S3 too (Ray Data LLM downloads it on the replica's node).
+    s3.create_bucket(Bucket="sq-models")
+    for f in tiny_model.iterdir():
+        s3.upload_file(str(f), "sq-models", f"tiny/{f.name}")
+    cfg_dict = tiny_config("s3://sq-models/tiny", "s3://sq-runs/exp1", **{"storage.endpoint_url": s3_server})
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
     cfg = load_config(path)
@@ -46,6 +50,7 @@ def test_pipeline_on_s3(tiny_model, ray_cluster, s3_server, tmp_path, capfd):
     assert len(ds) == r_manifest["rows"]
     assert {"query_id", "sample_idx", "query", "response", "answer", "finish_reason"} <= set(ds.column_names)
     assert len(set(zip(ds["query_id"], ds["sample_idx"]))) == len(ds)
+    assert set(ds["solver_model"]) == {"s3://sq-models/tiny"}
 
     # Re-running against S3 skips both finished stages.
     assert [r.skipped for r in pipeline.run(cfg)] == [True, True]

@@ -13,11 +13,11 @@ import pandas as pd
 import pyarrow as pa
 
 from ..config import RunConfig
-from ..engine import build_llm, keep_all
+from ..engine import build_llm, engine_result, keep_all
 from ..models import load_tokenizer
 from ..runner import REASON, TOKENS
 from ..storage import Storage
-from ..text import derive_seed, finish_reason, stop_criteria, turn_template
+from ..text import derive_seed, stop_criteria, turn_template
 
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
@@ -58,18 +58,15 @@ def finalize(batch: pd.DataFrame, generator: str, model_path: str, sampling: dic
     rows = []
     sampling_json = json.dumps(sampling, sort_keys=True)
     for r in batch.to_dict("records"):
-        error = r.get("__inference_error__") or None
-        text = (r.get("generated_text") or "").strip()
-        tokens = list(r.get("generated_tokens") if r.get("generated_tokens") is not None else [])
-        n_in, n_out = int(r.get("num_input_tokens") or 0), int(r.get("num_generated_tokens") or 0)
-        finish = None if error else finish_reason(
-            n_out, min(sampling["max_tokens"], max_model_len - n_in), tokens[-1] if tokens else None, stop_ids
-        )
-        reason = "engine_error" if error else "truncated" if finish == "length" else "empty" if len(text) < min_chars else None
+        out = engine_result(r, sampling["max_tokens"], max_model_len, stop_ids)
+        text = (out["text"] or "").strip()
+        reason = ("engine_error" if out["error"] else "truncated" if out["finish_reason"] == "length"
+                  else "empty" if len(text) < min_chars else None)
         rows.append({
             "query_id": r["query_id"], "query": text, "generator": generator, "generator_model": model_path,
-            "seed": int(r["seed"]), "sampling": sampling_json, "finish_reason": finish,
-            "num_input_tokens": n_in, TOKENS: n_out, REASON: reason, "error": error,
+            "seed": int(r["seed"]), "sampling": sampling_json, "finish_reason": out["finish_reason"],
+            "num_input_tokens": out["num_input_tokens"], TOKENS: out["num_output_tokens"], REASON: reason,
+            "error": out["error"],
         })
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
@@ -81,7 +78,7 @@ def build(cfg: RunConfig, storage: Storage):
     parts = []
     for gen in qcfg.generators:
         model = cfg.models[gen.model]
-        tokenizer = load_tokenizer(model.path)
+        tokenizer = load_tokenizer(model.path, cfg.storage.endpoint_url)
         turn = turn_template(tokenizer)
         stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
         sampling = {
@@ -91,7 +88,7 @@ def build(cfg: RunConfig, storage: Storage):
             "stop_token_ids": stops,
             "stop": stop_strings,
         }
-        processor = build_llm(model, _Prompt(cfg.seed, gen.name, model.path, turn.prefix, sampling), keep_all)
+        processor = build_llm(model, _Prompt(cfg.seed, gen.name, model.path, turn.prefix, sampling), keep_all, cfg.storage.endpoint_url)
         blocks = max(1, min(gen.num_questions // max(model.scale.batch_size, 1), 1000))
         ds = processor(ray.data.range(gen.num_questions, override_num_blocks=blocks))
         parts.append(ds.map_batches(

@@ -16,11 +16,11 @@ import pandas as pd
 import pyarrow as pa
 
 from ..config import RunConfig
-from ..engine import build_llm, keep_all
+from ..engine import build_llm, engine_result, keep_all
 from ..models import load_tokenizer
 from ..runner import REASON, TOKENS, InputError
 from ..storage import Storage, resolve
-from ..text import derive_seed, extract_answer, finish_reason, solver_user_text, stop_criteria, turn_template
+from ..text import derive_seed, extract_answer, solver_user_text, stop_criteria, turn_template
 
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
@@ -122,19 +122,14 @@ def finalize(batch: pd.DataFrame, solver: str, sampling: dict, stop_ids: list, m
     rows = []
     sampling_json = json.dumps(sampling, sort_keys=True)
     for r in batch.to_dict("records"):
-        error = r.get("__inference_error__") or None
-        text = r.get("generated_text") or ""
-        tokens = list(r.get("generated_tokens") if r.get("generated_tokens") is not None else [])
-        n_in, n_out = int(r.get("num_input_tokens") or 0), int(r.get("num_generated_tokens") or 0)
-        answer, how = (None, None) if error else extract_answer(text)
+        out = engine_result(r, sampling["max_tokens"], max_model_len, stop_ids)
+        answer, how = extract_answer(out["text"])
         rows.append({
             "query_id": r["query_id"], "sample_idx": int(r["sample_idx"]), "query": r["query"],
-            "response": None if error else text.strip(), "answer": answer, "answer_format": how,
+            "response": None if out["error"] else out["text"].strip(), "answer": answer, "answer_format": how,
             "solver_model": solver, "seed": int(r["seed"]), "sampling": sampling_json,
-            "finish_reason": None if error else finish_reason(
-                n_out, min(sampling["max_tokens"], max_model_len - n_in), tokens[-1] if tokens else None, stop_ids),
-            "num_input_tokens": n_in, TOKENS: n_out,
-            REASON: "engine_error" if error else None, "error": error,
+            "finish_reason": out["finish_reason"], "num_input_tokens": out["num_input_tokens"],
+            TOKENS: out["num_output_tokens"], REASON: "engine_error" if out["error"] else None, "error": out["error"],
         })
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
@@ -150,7 +145,7 @@ def build(cfg: RunConfig, storage: Storage):
     if source.count() == 0:
         raise InputError(f"input {input_uri(cfg, storage)} has no rows")
 
-    tokenizer = load_tokenizer(model.path)
+    tokenizer = load_tokenizer(model.path, cfg.storage.endpoint_url)
     turn = turn_template(tokenizer)
     stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
     sampling = {"temperature": rcfg.sampling.temperature, "top_p": rcfg.sampling.top_p,
@@ -159,7 +154,7 @@ def build(cfg: RunConfig, storage: Storage):
     normalized = source.map_batches(normalize, batch_format="pandas", fn_kwargs={"max_query_chars": rcfg.max_query_chars})
     rejected = normalized.map_batches(_excluded_inputs, batch_format="pandas", fn_kwargs={"solver": model.path})
     requests = normalized.map_batches(_expand, batch_format="pandas", fn_kwargs={"n": rcfg.n, "run_seed": cfg.seed})
-    processor = build_llm(model, _Prompt(turn.prefix, turn.suffix, rcfg.instruction, sampling), keep_all)
+    processor = build_llm(model, _Prompt(turn.prefix, turn.suffix, rcfg.instruction, sampling), keep_all, cfg.storage.endpoint_url)
     generated = processor(requests).map_batches(
         finalize, batch_format="pandas",
         fn_kwargs=dict(solver=model.path, sampling=sampling, stop_ids=stops, max_model_len=model.engine.max_model_len),
