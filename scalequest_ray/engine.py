@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+import pyarrow as pa
+
 from .config import ModelConfig, RunConfig
+from .runner import REASON, TOKENS
 from .storage import endpoint_url
 from .text import finish_reason
 
@@ -94,6 +97,18 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s
         detokenize_stage=False,
     )
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+# Provenance columns every generation stage writes, after its own columns.
+GENERATION_FIELDS = [
+    ("seed", pa.int64()),
+    ("sampling", pa.string()),
+    ("finish_reason", pa.string()),
+    ("num_input_tokens", pa.int64()),
+    (TOKENS, pa.int64()),
+    (REASON, pa.string()),
+    ("error", pa.string()),
+]
 
 
 def engine_result(row: dict, max_tokens: int, max_model_len: int, stop_ids: list) -> dict:

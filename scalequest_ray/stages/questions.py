@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..config import RunConfig
-from ..engine import build_llm, engine_result, keep_all
+from ..engine import GENERATION_FIELDS, build_llm, engine_result, keep_all
 from ..models import load_tokenizer
 from ..runner import REASON, TOKENS
 from ..storage import Storage
@@ -24,13 +24,7 @@ SCHEMA = pa.schema([
     ("query", pa.string()),
     ("generator", pa.string()),
     ("generator_model", pa.string()),
-    ("seed", pa.int64()),
-    ("sampling", pa.string()),
-    ("finish_reason", pa.string()),
-    ("num_input_tokens", pa.int64()),
-    (TOKENS, pa.int64()),
-    (REASON, pa.string()),
-    ("error", pa.string()),
+    *GENERATION_FIELDS,
 ])
 
 

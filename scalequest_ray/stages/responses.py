@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..config import RunConfig
-from ..engine import build_llm, engine_result, keep_all
+from ..engine import GENERATION_FIELDS, build_llm, engine_result, keep_all
 from ..models import load_tokenizer
 from ..runner import REASON, TOKENS, InputError
 from ..storage import Storage, resolve
@@ -30,13 +30,7 @@ SCHEMA = pa.schema([
     ("answer", pa.string()),
     ("answer_format", pa.string()),
     ("solver_model", pa.string()),
-    ("seed", pa.int64()),
-    ("sampling", pa.string()),
-    ("finish_reason", pa.string()),
-    ("num_input_tokens", pa.int64()),
-    (TOKENS, pa.int64()),
-    (REASON, pa.string()),
-    ("error", pa.string()),
+    *GENERATION_FIELDS,
 ])
 
 
