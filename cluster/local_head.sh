@@ -3,7 +3,10 @@
 #   cluster/local_head.sh start   # dashboard/job API on 127.0.0.1:8265 only
 #   cluster/local_head.sh stop
 set -euo pipefail
-RAY="${RAY:-$(dirname "$0")/../.venv/bin/ray}"
+# The head must run in the project's virtualenv: a submitted job's `python` is the head's.
+VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv"
+export PATH="$VENV/bin:$PATH"
+RAY="${RAY:-$VENV/bin/ray}"
 case "${1:-start}" in
   start)
     # More logical CPUs than cores: each engine actor holds one CPU for a whole stage.
