@@ -152,3 +152,10 @@ def test_empty_parquet_input(tiny_run, tmp_path):
     cfg = load_config(cfg_path, [f"stages.responses.input={src}", f"root={tmp_path / 'r'}"])
     with pytest.raises(InputError, match="has no rows"):
         pipeline.run(cfg, stages=["responses"])
+
+
+def test_responses_need_finished_questions(tiny_run, tmp_path):
+    cfg_path, _, _ = tiny_run
+    cfg = load_config(cfg_path, [f"root={tmp_path / 'fresh'}"])
+    with pytest.raises(InputError, match="questions stage has not finished"):
+        pipeline.run(cfg, stages=["responses"])

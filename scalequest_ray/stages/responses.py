@@ -135,6 +135,13 @@ def input_uri(cfg: RunConfig, storage: Storage) -> str:
 def build(cfg: RunConfig, storage: Storage):
     rcfg = cfg.stages.responses
     model = cfg.models[rcfg.model]
+    if rcfg.input is None:
+        upstream = storage.manifest("questions")
+        if upstream is None:
+            raise InputError("the questions stage has not finished in this run root; run it first or set stages.responses.input")
+        if upstream["rows"] == 0:
+            raise InputError(f"the questions stage kept no rows ({upstream['excluded_rows']} excluded: "
+                             f"{upstream['excluded_by_reason']}); nothing to answer")
     source = read_input(input_uri(cfg, storage), cfg.storage.endpoint_url)
     if source.count() == 0:
         raise InputError(f"input {input_uri(cfg, storage)} has no rows")
