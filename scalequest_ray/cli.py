@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .config import ConfigError
-    from .runner import InputError
+    from .storage import InputError
 
     args = parser().parse_args(argv)
     try:

@@ -127,7 +127,31 @@ class ResponsesStageConfig(_Strict):
     max_query_chars: int = Field(4000, gt=0)
 
 
+class SeedSource(_Strict):
+    """One source of seed problems: exactly one of builtin / hub / path."""
+
+    builtin: Optional[Literal["champ"]] = None
+    hub: Optional[str] = None
+    subset: Optional[str] = None
+    split: str = "train"
+    path: Optional[str] = None
+    question_column: str = "question"
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("builtin", "hub", "path") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"a seed source needs exactly one of builtin, hub, path (got {given or 'none'})")
+        return self
+
+
+class SeedProblemsStageConfig(_Strict):
+    sources: list[SeedSource] = Field(default_factory=lambda: [SeedSource(builtin="champ")], min_length=1)
+    max_chars: int = Field(2000, gt=0)
+
+
 class StagesConfig(_Strict):
+    seed_problems: Optional[SeedProblemsStageConfig] = None
     questions: Optional[QuestionsStageConfig] = None
     responses: Optional[ResponsesStageConfig] = None
 
@@ -148,6 +172,7 @@ class RayConfig(_Strict):
 
 
 STAGE_ORDER = ("questions", "responses")
+STAGES = Literal["seed_problems", "questions", "responses"]
 
 
 class RunConfig(_Strict):
@@ -158,7 +183,7 @@ class RunConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = Field(min_length=1)
     stages: StagesConfig
-    pipeline: list[Literal["questions", "responses"]] = Field(default_factory=lambda: list(STAGE_ORDER))
+    pipeline: list[STAGES] = Field(default_factory=lambda: list(STAGE_ORDER))
 
     @field_validator("root")
     @classmethod

@@ -6,7 +6,7 @@ from typing import Optional
 
 from .config import RunConfig
 from .runner import StageResult, run_stage
-from .storage import Storage
+from .storage import Storage, read_input
 
 
 def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
@@ -21,9 +21,9 @@ def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
 
 def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False, echo=print) -> list[StageResult]:
     from .engine import init_ray
-    from .stages import questions, responses
+    from .stages import questions, responses, seed_problems
 
-    builders = {"questions": questions.build, "responses": responses.build}
+    builders = {"seed_problems": seed_problems.build, "questions": questions.build, "responses": responses.build}
     storage = Storage(cfg.root, cfg.storage.endpoint_url)
     selected = stages or cfg.pipeline
     for stage in selected:
@@ -32,7 +32,7 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
     init_ray(cfg)
     # Cheap checks of the user's input file happen before any engine starts.
     if "responses" in selected and cfg.stages.responses.input:
-        responses.read_input(cfg.stages.responses.input, cfg.storage.endpoint_url)
+        read_input(cfg.stages.responses.input, cfg.storage.endpoint_url, required_column="query")
     results = []
     for stage in selected:
         result = run_stage(cfg, storage, stage, lambda s=stage: builders[s](cfg, storage),

@@ -21,10 +21,6 @@ REASON = "exclude_reason"
 TOKENS = "num_output_tokens"
 
 
-class InputError(ValueError):
-    """Input data that a stage cannot use; the message is one line for the user."""
-
-
 @dataclass
 class StageResult:
     stage: str
@@ -39,8 +35,10 @@ class StageResult:
         if reasons:
             line += f" ({reasons})"
         tokens = m.get("output_tokens", 0)
-        if not self.skipped:
+        if not self.skipped and tokens:
             line += f", {tokens} tokens generated in {m['seconds']:.1f} s ({tokens / max(m['seconds'], 1e-9):.1f} tok/s)"
+        elif not self.skipped:
+            line += f" in {m['seconds']:.1f} s"
         return line + f" -> {m['uri']}"
 
 

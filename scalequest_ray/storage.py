@@ -24,6 +24,10 @@ import pyarrow.parquet as pq
 MANIFEST = "_manifest.json"
 
 
+class InputError(ValueError):
+    """Input data that a stage cannot use; the message is one line for the user."""
+
+
 def endpoint_url(configured: Optional[str] = None) -> Optional[str]:
     return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
@@ -143,3 +147,35 @@ class Storage:
 
     def _rel(self, path: str) -> str:
         return posixpath.relpath(path, self.base)
+
+
+def read_input(uri: str, endpoint: Optional[str] = None, required_column: Optional[str] = None):
+    """A Ray Dataset over a Parquet/JSONL file or folder (local or s3://), validated cheaply:
+    raises InputError (one line) for a missing, empty or unreadable input or a missing column."""
+    import ray
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, path = resolve(uri, endpoint)
+
+    info = fs.get_file_info(path)
+    if info.type == FileType.NotFound:
+        raise InputError(f"input {uri} does not exist")
+    names = [path] if info.type == FileType.File else [
+        i.path for i in fs.get_file_info(FileSelector(path, recursive=True)) if i.type == FileType.File
+    ]
+    if any(n.endswith(".parquet") for n in names):
+        reader, exts = ray.data.read_parquet, ["parquet"]
+    elif any(n.endswith((".jsonl", ".json")) for n in names):
+        reader, exts = ray.data.read_json, ["jsonl", "json"]
+    else:
+        raise InputError(f"input {uri} has no .parquet, .jsonl or .json files")
+    if all(fs.get_file_info(n).size == 0 for n in names if n.endswith(tuple(exts))):
+        raise InputError(f"input {uri} is empty")
+    try:
+        ds = reader(path, filesystem=fs, file_extensions=exts)
+        columns = ds.schema().names
+    except Exception as e:  # unreadable file: say which, in one line
+        raise InputError(f"cannot read input {uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if required_column and required_column not in columns:
+        raise InputError(f"input {uri} has no '{required_column}' column (columns: {', '.join(columns)})")
+    return ds

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 from scalequest_ray import pipeline
 from scalequest_ray.config import load_config
-from scalequest_ray.runner import InputError
+from scalequest_ray.storage import InputError
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ import pyarrow as pa
 from ..config import RunConfig
 from ..engine import GENERATION_FIELDS, build_llm, engine_result, keep_all
 from ..models import load_tokenizer
-from ..runner import REASON, TOKENS, InputError
-from ..storage import Storage, resolve
+from ..runner import REASON, TOKENS
+from ..storage import InputError, Storage, read_input
 from ..text import derive_seed, extract_answer, solver_user_text, stop_criteria, turn_template
 
 SCHEMA = pa.schema([
@@ -32,37 +32,6 @@ SCHEMA = pa.schema([
     ("solver_model", pa.string()),
     *GENERATION_FIELDS,
 ])
-
-
-def read_input(uri: str, endpoint=None):
-    """A Ray Dataset over a Parquet/JSONL file or folder (local or s3://), validated cheaply."""
-    import ray
-
-    fs, path = resolve(uri, endpoint)
-    from pyarrow.fs import FileSelector, FileType
-
-    info = fs.get_file_info(path)
-    if info.type == FileType.NotFound:
-        raise InputError(f"input {uri} does not exist")
-    names = [path] if info.type == FileType.File else [
-        i.path for i in fs.get_file_info(FileSelector(path, recursive=True)) if i.type == FileType.File
-    ]
-    if any(n.endswith(".parquet") for n in names):
-        reader, exts = ray.data.read_parquet, ["parquet"]
-    elif any(n.endswith((".jsonl", ".json")) for n in names):
-        reader, exts = ray.data.read_json, ["jsonl", "json"]
-    else:
-        raise InputError(f"input {uri} has no .parquet, .jsonl or .json files")
-    if all(fs.get_file_info(n).size == 0 for n in names if n.endswith(tuple(exts))):
-        raise InputError(f"input {uri} is empty")
-    try:
-        ds = reader(path, filesystem=fs, file_extensions=exts)
-        columns = ds.schema().names
-    except Exception as e:  # unreadable file: say which, in one line
-        raise InputError(f"cannot read input {uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if "query" not in columns:
-        raise InputError(f"input {uri} has no 'query' column (columns: {', '.join(columns)})")
-    return ds
 
 
 def stable_query_id(query: str) -> str:
@@ -142,7 +111,7 @@ def build(cfg: RunConfig, storage: Storage):
         if upstream["rows"] == 0:
             raise InputError(f"the questions stage kept no rows ({upstream['excluded_rows']} excluded: "
                              f"{upstream['excluded_by_reason']}); nothing to answer")
-    source = read_input(input_uri(cfg, storage), cfg.storage.endpoint_url)
+    source = read_input(input_uri(cfg, storage), cfg.storage.endpoint_url, required_column="query")
     if source.count() == 0:
         raise InputError(f"input {input_uri(cfg, storage)} has no rows")
 

@@ -1,0 +1,111 @@
+"""Seed problems for question fine-tuning (ScaleQuest stage 1's data): questions only.
+
+Sources: an HF hub dataset (the paper: GSM8K `main` train + MATH train, ~15K), local or S3
+Parquet/JSONL, or the real competition problems shipped in the `champ-dataset` package (the
+offline default). Solutions are never carried over; whitespace is normalised; exact duplicates
+(after normalisation, across all sources) go to the exclusions output with reason `duplicate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from ..config import RunConfig, SeedSource
+from ..runner import REASON, TOKENS
+from ..storage import Storage, read_input
+
+SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("query", pa.string()),
+    ("source", pa.string()),
+    (TOKENS, pa.int64()),
+    (REASON, pa.string()),
+])
+
+_WS = re.compile(r"[ \t\r\f\v]+")
+
+
+def normalize_question(text) -> str:
+    """Collapse runs of spaces/tabs, trim each line, drop blank-line runs; keep line structure."""
+    if not isinstance(text, str):
+        return ""
+    lines = [_WS.sub(" ", line).strip() for line in text.split("\n")]
+    out, blank = [], False
+    for line in lines:
+        if line:
+            out.append(line)
+            blank = False
+        elif not blank and out:
+            out.append("")
+            blank = True
+    return "\n".join(out).strip()
+
+
+def champ_problems() -> list[dict]:
+    import champ_dataset
+
+    path = Path(champ_dataset.__file__).parent / "dataset_files" / "v0.json"
+    problems = json.loads(path.read_text())["problems"]
+    return [{"question": p["_text"]} for p in problems.values()]
+
+
+def _source_dataset(src: SeedSource, endpoint):
+    import ray
+
+    if src.builtin == "champ":
+        return ray.data.from_items(champ_problems()), "champ-dataset:v0", "question"
+    if src.hub:
+        import datasets
+
+        hf = datasets.load_dataset(src.hub, src.subset, split=src.split)
+        if src.question_column not in hf.column_names:
+            from ..storage import InputError
+
+            raise InputError(f"hub dataset {src.hub} has no '{src.question_column}' column "
+                             f"(columns: {', '.join(hf.column_names)})")
+        return ray.data.from_huggingface(hf.select_columns([src.question_column])), \
+            f"hub:{src.hub}:{src.subset or ''}:{src.split}", src.question_column
+    return read_input(src.path, endpoint, required_column=src.question_column), f"file:{src.path}", src.question_column
+
+
+def _prepare(batch: pd.DataFrame, column: str, source: str, max_chars: int) -> pd.DataFrame:
+    queries = [normalize_question(q) for q in batch[column]]
+    reasons = ["empty_query" if not q else "query_too_long" if len(q) > max_chars else None for q in queries]
+    return pd.DataFrame({
+        "query_id": ["seed-" + hashlib.sha1(q.encode()).hexdigest()[:16] for q in queries],
+        "query": queries, "source": source, TOKENS: 0, REASON: reasons,
+    })
+
+
+def _mark_duplicates(group: pd.DataFrame) -> pd.DataFrame:
+    """All rows of one normalised question: the first usable one is kept, the rest are duplicates."""
+    group = group.sort_values(["source"], kind="stable").reset_index(drop=True)
+    usable = group[REASON].isna()
+    if usable.any():
+        first = usable.idxmax()
+        dup = usable & (group.index != first)
+        group.loc[dup, REASON] = "duplicate"
+    return group
+
+
+def build(cfg: RunConfig, storage: Storage):
+    scfg = cfg.stages.seed_problems
+    parts = []
+    for src in scfg.sources:
+        ds, name, column = _source_dataset(src, cfg.storage.endpoint_url)
+        parts.append(ds.map_batches(_prepare, batch_format="pandas",
+                                    fn_kwargs={"column": column, "source": name, "max_chars": scfg.max_chars}))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # query_id is the hash of the normalised text: grouping by it finds exact duplicates across
+    # sources without collecting anything on the driver.
+    import ray
+
+    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))  # the default 200 is for big clusters
+    return ds.groupby("query_id", num_partitions=partitions).map_groups(_mark_duplicates, batch_format="pandas").map_batches(
+        lambda t: pa.Table.from_pandas(t, schema=SCHEMA, preserve_index=False), batch_format="pandas")
