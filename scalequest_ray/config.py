@@ -21,6 +21,9 @@ from . import models as model_refs
 from .prompts import SOLVER_INSTRUCTION
 
 
+TRAINING_STAGES = ("qft",)
+
+
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message is one line for the user."""
 
@@ -83,6 +86,11 @@ class ModelConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
+        if v.startswith("stage:"):
+            # The model a training stage of this run exports, resolved when that stage finished.
+            if v[len("stage:"):] not in TRAINING_STAGES:
+                raise ValueError(f"'{v}': only stage:{' or stage:'.join(TRAINING_STAGES)} export a model")
+            return v
         return model_refs.check_model_ref(_expand(v))
 
 
@@ -150,7 +158,47 @@ class SeedProblemsStageConfig(_Strict):
     max_chars: int = Field(2000, gt=0)
 
 
+class TrainConfig(_Strict):
+    """A Ray Train + TRL run. Paper QFT defaults: lr 2e-5, cosine, warmup 3%, batch 32, max
+    length 256, 1 epoch, bf16, DeepSpeed ZeRO-3 (see configs/paper_gpu.yaml)."""
+
+    model: str = Field(description="name under models: the model to fine-tune")
+    input: Optional[str] = Field(None, description="None = this run's upstream stage; else Parquet/JSONL with a query column")
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = "none"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    learning_rate: float = Field(2e-5, gt=0)
+    epochs: float = Field(1, gt=0)
+    batch_size: int = Field(32, ge=1, description="global batch: per_device_batch_size x workers x accumulation")
+    per_device_batch_size: int = Field(4, ge=1)
+    max_length: int = Field(256, ge=8)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    save_steps: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=0)
+    gradient_checkpointing: bool = False
+    max_examples: Optional[int] = Field(None, ge=1, description="use at most this many rows (demos)")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _batch(self):
+        per_step = self.per_device_batch_size * self.workers
+        if self.batch_size % per_step:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of per_device_batch_size x workers = {per_step}")
+        if self.precision == "fp16" and self.gpus_per_worker == 0:
+            raise ValueError("precision fp16 needs GPUs (use fp32 or bf16 on CPU)")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // (self.per_device_batch_size * self.workers)
+
+
 class StagesConfig(_Strict):
+    qft: Optional[TrainConfig] = None
     seed_problems: Optional[SeedProblemsStageConfig] = None
     questions: Optional[QuestionsStageConfig] = None
     responses: Optional[ResponsesStageConfig] = None
@@ -172,7 +220,7 @@ class RayConfig(_Strict):
 
 
 STAGE_ORDER = ("questions", "responses")
-STAGES = Literal["seed_problems", "questions", "responses"]
+STAGES = Literal["seed_problems", "qft", "questions", "responses"]
 
 
 class RunConfig(_Strict):
@@ -202,6 +250,8 @@ class RunConfig(_Strict):
             refs += [(f"stages.questions.generators.{i}.model", g.model) for i, g in enumerate(stages.questions.generators)]
         if stages.responses:
             refs.append(("stages.responses.model", stages.responses.model))
+        if stages.qft:
+            refs.append(("stages.qft.model", stages.qft.model))
         for where, name in refs:
             if name not in self.models:
                 raise ValueError(f"{where}: model '{name}' is not defined under models ({', '.join(self.models)})")

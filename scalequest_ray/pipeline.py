@@ -6,11 +6,31 @@ from typing import Optional
 
 from .config import RunConfig
 from .runner import StageResult, run_stage
-from .storage import Storage, read_input
+from .storage import InputError, Storage, read_input
+
+
+def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str) -> list[str]:
+    """Point `stage:qft`-style model paths used by `stage` at the exported checkpoints; returns
+    the hashes of those training stages (they are part of what the stage depends on)."""
+    section = getattr(cfg.stages, stage)
+    names = [g.model for g in getattr(section, "generators", [])] + ([section.model] if hasattr(section, "model") else [])
+    hashes = []
+    for name in names:
+        path = cfg.models[name].path
+        if path.startswith("stage:"):
+            producer = path[len("stage:"):]
+            manifest = storage.manifest(producer)
+            if manifest is None:
+                raise InputError(f"models.{name}.path is {path}, but the {producer} stage has not finished in this run root")
+            cfg.models[name].__dict__["path"] = manifest["model"]  # resolved, bypassing the validator
+            hashes.append(f"{producer}:{manifest['config_hash']}")
+    return hashes
 
 
 def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
     """What a stage's output depends on besides its own config: the upstream stage's hash."""
+    if stage == "qft":
+        return None  # qft.run works out its own upstream (seed problems or a file)
     if stage == "responses":
         if cfg.stages.responses.input:
             return "input:" + cfg.stages.responses.input
@@ -35,8 +55,15 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
         read_input(cfg.stages.responses.input, cfg.storage.endpoint_url, required_column="query")
     results = []
     for stage in selected:
+        if stage == "qft":
+            from .train import qft
+
+            results.append(qft.run(cfg, storage, force=force, echo=echo))
+            continue
+        trained = _resolve_stage_models(cfg, storage, stage)
+        upstream = "|".join(filter(None, [_upstream(cfg, storage, stage), *trained])) or None
         result = run_stage(cfg, storage, stage, lambda s=stage: builders[s](cfg, storage),
-                           upstream=_upstream(cfg, storage, stage), force=force)
+                           upstream=upstream, force=force)
         echo(result.summary())
         results.append(result)
     return results

@@ -1,0 +1,205 @@
+"""What every training recipe shares: DeepSpeed configs, model fetch, resume, export, the Ray
+Train run around a recipe's loop, and the stage bookkeeping (skip / resume / manifest)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import RunConfig, TrainConfig
+from ..storage import InputError, Storage, resolve
+
+EXPORT = "model"  # <root>/<stage>/model/: the exported HF checkpoint
+RAY_DIR = "ray"   # <root>/<stage>/ray/: Ray Train's run folder (checkpoints, kept for resume)
+STARTED = "_started.json"
+METRICS = "_metrics.json"
+
+
+def deepspeed_config(kind: str) -> Optional[dict]:
+    """A DeepSpeed config for HF Trainer ("auto" values are filled from TrainingArguments)."""
+    if kind == "none":
+        return None
+    zero: dict = {"stage": 2 if kind == "zero2" else 3, "overlap_comm": False, "contiguous_gradients": True}
+    if zero["stage"] == 3:
+        # Without this, ZeRO-3 saves shards only and there is no model.safetensors to export.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if kind == "zero3_offload":
+        zero["offload_optimizer"] = {"device": "cpu"}
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+
+
+def local_model(ref: str, endpoint: Optional[str]) -> str:
+    """A path or hub name that `from_pretrained` can load on this worker (s3:// is downloaded)."""
+    if not ref.startswith("s3://"):
+        return ref
+    from ..models import cache_dir
+    from ..storage import s3fs_filesystem
+
+    target = cache_dir() / "s3" / ref[len("s3://"):].rstrip("/").replace("/", "__")
+    if not (target / "config.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
+        s3fs_filesystem(endpoint).get(ref.rstrip("/") + "/", str(tmp), recursive=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return str(target)
+
+
+def resume_dir() -> Optional[str]:
+    """The HF checkpoint inside Ray Train's latest checkpoint, copied locally (None = fresh start)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    local = tempfile.mkdtemp(prefix="resume-")
+    with checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "checkpoint", Path(local) / "checkpoint")
+    return str(Path(local) / "checkpoint")
+
+
+def export_model(trainer, tokenizer, dest_uri: str, endpoint: Optional[str]) -> None:
+    """Save the final model as an HF checkpoint (safetensors + tokenizer) to dest (local or S3).
+
+    Every rank calls save_model (ZeRO-3 gathers the weights collectively); rank 0 uploads.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    local = tempfile.mkdtemp(prefix="export-")
+    trainer.save_model(local)
+    if ray.train.get_context().get_world_rank() == 0:
+        tokenizer.save_pretrained(local)
+        for junk in ("training_args.bin",):
+            Path(local, junk).unlink(missing_ok=True)
+        fs, path = resolve(dest_uri, endpoint)
+        if isinstance(fs, pafs.LocalFileSystem):
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.copytree(local, path)
+        else:
+            pafs.copy_files(local, path, destination_filesystem=fs)
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def write_metrics(c: dict, metrics: dict) -> None:
+    """Rank 0's final training metrics, next to the exported model (read by the driver)."""
+    import json
+
+    fs, path = resolve(c["metrics_uri"], c["endpoint"])
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(metrics).encode())
+
+
+class FaultInjection:
+    """Test hook: raise once at a given step (a marker file makes the retry pass), or always."""
+
+    def __init__(self, fail_at_step: int, marker: Optional[str] = None, always: bool = False):
+        self.fail_at_step, self.marker, self.always = fail_at_step, marker, always
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        hook = self
+
+        class _Fail(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step != hook.fail_at_step:
+                    return
+                if hook.always or (hook.marker and not os.path.exists(hook.marker)):
+                    if hook.marker:
+                        Path(hook.marker).touch()
+                    raise RuntimeError(f"injected failure at step {state.global_step}")
+
+        return _Fail()
+
+
+def check_resources(tcfg: TrainConfig, stage: str) -> None:
+    """Fail before training when the cluster cannot place the workers at all."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = tcfg.workers * tcfg.cpus_per_worker
+    need_gpu = tcfg.workers * tcfg.gpus_per_worker
+    if need_gpu > have.get("GPU", 0):
+        raise InputError(f"stages.{stage}: {tcfg.workers} workers x {tcfg.gpus_per_worker} GPU need {need_gpu:g} GPUs, "
+                         f"the cluster has {have.get('GPU', 0):g}")
+    if need_cpu > have.get("CPU", 0):
+        raise InputError(f"stages.{stage}: {tcfg.workers} workers x {tcfg.cpus_per_worker:g} CPU need {need_cpu:g} CPUs, "
+                         f"the cluster has {have.get('CPU', 0):g}")
+
+
+def run_training(cfg: RunConfig, storage: Storage, stage: str, loop: Callable, loop_config: dict,
+                 upstream: Optional[str], force: bool = False, echo=print) -> dict:
+    """Skip / resume / fresh start, then a TorchTrainer around `loop`, then the manifest.
+
+    A finished stage (manifest with the same config hash) is skipped. A stage that started with
+    the same config but has no manifest (killed driver, failed run) resumes from Ray Train's last
+    checkpoint under <root>/<stage>/ray/. Another config clears the stage and starts over.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tcfg: TrainConfig = getattr(cfg.stages, stage)
+    fingerprint = cfg.stage_fingerprint(stage, upstream)
+    previous = storage.manifest(stage)
+    if previous and previous.get("config_hash") == fingerprint and not force:
+        echo(f"[{stage}] skipped (finished earlier, same config) -> {previous['model']}")
+        return previous
+    started_path = storage.path(stage, STARTED)
+    started_before = storage.read_json(started_path) if storage.exists(started_path) else None
+    if previous or force or (started_before and started_before.get("config_hash") != fingerprint):
+        storage.delete_dir(storage.path(stage))
+    resuming = bool(storage.exists(started_path))
+    check_resources(tcfg, stage)
+    storage.write_json(started_path, {"config_hash": fingerprint, "started_at": time.time()})
+
+    on_gpu = tcfg.gpus_per_worker > 0
+    resources = {"CPU": tcfg.cpus_per_worker}
+    if on_gpu:
+        resources["GPU"] = tcfg.gpus_per_worker
+    ray_storage = storage.path(stage, RAY_DIR)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={**loop_config, "export_uri": storage.uri(stage, EXPORT),
+                           "metrics_uri": storage.uri(stage, METRICS), "endpoint": cfg.storage.endpoint_url},
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.workers, use_gpu=on_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name="run",
+            storage_path=ray_storage,
+            storage_filesystem=storage.fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+        ),
+    )
+    t0 = time.time()
+    trainer.fit()
+    metrics = storage.read_json(storage.path(stage, METRICS))
+    manifest = {
+        "stage": stage,
+        "config_hash": fingerprint,
+        "model": storage.uri(stage, EXPORT),
+        "upstream": upstream,
+        "resumed": resuming,
+        "metrics": metrics,
+        "seconds": round(time.time() - t0, 3),
+        "finished_at": time.time(),
+        "config": tcfg.model_dump(mode="json"),
+    }
+    storage.write_json(storage.path(stage, "_manifest.json"), manifest)
+    echo(f"[{stage}] done: {metrics['steps']} steps (started at step {metrics['start_step']}), "
+         f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} in {manifest['seconds']:.1f} s -> {manifest['model']}")
+    return manifest
