@@ -1,0 +1,139 @@
+"""QFT through Ray Train + TRL on the tiny model with 2 CPU workers: loss, export, faults, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from scalequest_ray import pipeline
+from scalequest_ray.config import ConfigError, load_config
+from scalequest_ray.storage import InputError, Storage
+from scalequest_ray.train import qft
+
+
+def _cfg(tmp_path, model, **qft_over):
+    raw = {
+        "name": "qft", "root": str(tmp_path / "root"), "seed": 3,
+        "models": {"tiny": {"path": str(model),
+                            "engine": {"max_model_len": 512, "enforce_eager": True, "cpu_kv_cache_gib": 1},
+                            "scale": {"batch_size": 8}},
+                   "tiny_qft": {"path": "stage:qft",
+                                "engine": {"max_model_len": 512, "enforce_eager": True, "cpu_kv_cache_gib": 1},
+                                "scale": {"batch_size": 8}}},
+        "stages": {
+            "seed_problems": {},
+            "qft": {"model": "tiny", "workers": 2, "batch_size": 8, "per_device_batch_size": 4,
+                    "max_examples": 64, "learning_rate": 1e-3, "save_steps": 2, "max_length": 128, **qft_over},
+            "questions": {"generators": [{"name": "qft", "model": "tiny_qft", "num_questions": 8}],
+                          "sampling": {"max_tokens": 16}, "min_chars": 1},
+        },
+        "pipeline": ["seed_problems", "qft", "questions"],
+    }
+    path = tmp_path / "qft.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.unit
+def test_qft_rows_and_completion_only_masking(tiny_model, tmp_path):
+    """The real TRL collator on a real tokenized batch: loss only on question + end-of-turn."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = qft.qft_rows(tok, ["What is 3 + 4?", "  ", "A square has side 5. What is its area?"])
+    assert len(rows) == 2
+    assert rows[0]["prompt"].endswith("<|im_start|>user\n") and "system" in rows[0]["prompt"]
+    assert rows[0]["completion"] == "What is 3 + 4?<|im_end|>"
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+        args=SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                       max_length=128),
+        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    prompt_len = len(tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"])
+    for i in range(2):
+        labels, ids = batch["labels"][i], batch["input_ids"][i]
+        supervised = ids[labels != -100]
+        assert (labels[:prompt_len] == -100).all()
+        text = tok.decode(supervised)
+        assert text.startswith(("What is 3 + 4?", "A square has side 5.")) and "<|im_end|>" in text
+        assert "<|im_start|>" not in text
+
+
+@pytest.mark.integration
+def test_qft_trains_exports_and_feeds_generation(tiny_model, ray_cluster, tmp_path):
+    cfg = load_config(_cfg(tmp_path, tiny_model))
+    results = pipeline.run(cfg)
+    manifest = results[1]
+    m = manifest["metrics"]
+    assert m["steps"] == 8 and m["start_step"] == 0 and m["examples"] == 64
+    assert m["final_loss"] < m["first_loss"]
+    export = tmp_path / "root" / "qft" / "model"
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    assert manifest["model"] == str(export)
+
+    # The export reloads and generates with plain transformers ...
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    out = model.generate(**tok("<|im_start|>user\n", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 3
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(base.lm_head.weight, model.lm_head.weight)
+
+    # ... and the question stage ran on it through vLLM (model path stage:qft).
+    q = json.loads((tmp_path / "root" / "questions" / "_manifest.json").read_text())
+    assert q["rows"] + q["excluded_rows"] == 8
+    assert "qft:" in q["upstream"]
+
+    # Everything finished: a rerun skips all three stages.
+    again = pipeline.run(load_config(_cfg(tmp_path, tiny_model)))
+    assert again[1]["finished_at"] == manifest["finished_at"] and again[2].skipped
+
+
+@pytest.mark.integration
+def test_worker_failure_is_retried_from_checkpoint(tiny_model, ray_cluster, tmp_path):
+    cfg = load_config(_cfg(tmp_path, tiny_model, max_failures=1))
+    pipeline.run(cfg, stages=["seed_problems"])
+    marker = tmp_path / "failed-once"
+    manifest = qft.run(cfg, Storage(cfg.root), fault={"fail_at_step": 5, "marker": str(marker)})
+    assert marker.exists()  # the failure happened
+    assert manifest["metrics"]["steps"] == 8
+    assert manifest["metrics"]["start_step"] == 4  # the retry resumed from the step-4 checkpoint
+
+
+@pytest.mark.integration
+def test_second_invocation_resumes_after_failed_run(tiny_model, ray_cluster, tmp_path):
+    cfg = load_config(_cfg(tmp_path, tiny_model, max_failures=0))
+    pipeline.run(cfg, stages=["seed_problems"])
+    storage = Storage(cfg.root)
+    with pytest.raises(Exception, match="injected failure"):
+        qft.run(cfg, storage, fault={"fail_at_step": 7, "always": True})
+    assert storage.manifest("qft") is None
+    manifest = qft.run(load_config(_cfg(tmp_path, tiny_model, max_failures=0)), storage)
+    assert manifest["resumed"] and manifest["metrics"]["start_step"] == 6 and manifest["metrics"]["steps"] == 8
+
+
+@pytest.mark.integration
+def test_qft_bad_inputs_fail_before_training(tiny_model, ray_cluster, tmp_path):
+    bad = tmp_path / "seeds.jsonl"
+    bad.write_text('{"problem": "What is 1+1?"}\n')
+    cfg = load_config(_cfg(tmp_path, tiny_model, input=str(bad)))
+    with pytest.raises(InputError, match="has no 'query' column"):
+        qft.run(cfg, Storage(cfg.root))
+    with pytest.raises(ConfigError, match="local model directory /nope/model does not exist"):
+        load_config(_cfg(tmp_path, tiny_model), ["models.tiny.path=/nope/model"])
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"query": "What is 1+1?"}\n')
+    cfg = load_config(_cfg(tmp_path, tiny_model, input=str(good), workers=8, batch_size=32, deepspeed="zero3"))
+    with pytest.raises(InputError, match=r"8 workers x 1 CPU need 8 CPUs, the cluster has 6"):
+        qft.run(cfg, Storage(cfg.root))
+    assert not (tmp_path / "root" / "qft" / "ray").exists()
