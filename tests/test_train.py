@@ -137,3 +137,42 @@ def test_qft_bad_inputs_fail_before_training(tiny_model, ray_cluster, tmp_path):
     with pytest.raises(InputError, match=r"8 workers x 1 CPU need 8 CPUs, the cluster has 6"):
         qft.run(cfg, Storage(cfg.root))
     assert not (tmp_path / "root" / "qft" / "ray").exists()
+
+
+@pytest.mark.e2e
+def test_qft_smollm2_two_workers_peak_memory(demo_model, ray_cluster, tmp_path):
+    """QFT of the real SmolLM2 with 2 CPU workers (demo settings) stays under 12 GB; the figure
+    is printed for the record."""
+    import threading
+    import time
+
+    import psutil
+
+    from conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"root={tmp_path / 'root'}", "pipeline=[seed_problems,qft]", "stages.qft.max_examples=64", "stages.qft.save_steps=2",
+    ])
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            total = 0
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker") and p.info["memory_info"]:
+                    total += p.info["memory_info"].rss
+            peak[0] = max(peak[0], total)
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        results = pipeline.run(cfg)
+    finally:
+        done.set()
+        sampler.join()
+    metrics = results[1]["metrics"]
+    print(f"QFT SmolLM2-135M, 2 CPU workers, {metrics['steps']} steps: peak RSS of the workers "
+          f"{peak[0] / 2**30:.2f} GiB; loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}")
+    assert metrics["steps"] == 4 and peak[0] > 2**30  # the sampler saw the workers
+    assert peak[0] < 12 * 10**9
