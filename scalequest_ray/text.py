@@ -154,3 +154,35 @@ def extract_answer(text: Optional[str]) -> tuple[Optional[str], Optional[str]]:
             if answer:
                 return answer, "answer_is"
     return None, None
+
+
+def choose_direction(run_seed: int, query_id: str) -> str:
+    """The QPO rewrite direction for a question, from a seeded per-row draw (reproducible)."""
+    return ("solvability", "difficulty")[derive_seed(run_seed, "qpo-direction", query_id) % 2]
+
+
+def _same_question(a: str, b: str) -> bool:
+    squash = lambda s: re.sub(r"\s+", " ", s).strip().strip("\"'“”").strip().lower()  # noqa: E731
+    return squash(a) == squash(b)
+
+
+def parse_rewrite(output: Optional[str], original: str, marker: str) -> tuple[Optional[str], Optional[str]]:
+    """(rewritten question, None) or (None, reason) from an optimizer's reply.
+
+    The rewrite is the text after the LAST marker (replies may quote the marker while reasoning),
+    with surrounding quotes and markdown emphasis removed. Reasons: missing_marker,
+    empty_rewrite, identical (same text as the original up to whitespace, quotes and case).
+    """
+    if not output:
+        return None, "empty_output"
+    pattern = re.compile(r"\**\s*" + re.escape(marker.rstrip(":")) + r"\s*:?\s*\**", re.IGNORECASE)
+    matches = list(pattern.finditer(output))
+    if not matches:
+        return None, "missing_marker"
+    rewrite = output[matches[-1].end():].strip()
+    rewrite = rewrite.strip("*").strip().strip("\"“”").strip()
+    if not rewrite:
+        return None, "empty_rewrite"
+    if _same_question(rewrite, original):
+        return None, "identical"
+    return rewrite, None

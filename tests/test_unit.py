@@ -207,3 +207,33 @@ def test_manifest_counts_from_footers_and_commit_is_last(tmp_path):
     assert m["rows"] == 7 and m["excluded_rows"] == 0 and len(m["files"]) == 2
     on_disk = json.loads(Path(storage.path("s", "_manifest.json")).read_text())
     assert on_disk["config_hash"] == "abc" and storage.manifest("s")["rows"] == 7
+
+
+# --- QPO rewrite parsing ----------------------------------------------------------------------
+
+from scalequest_ray.prompts import OPTIMIZER_PROMPTS, REWRITE_MARKER  # noqa: E402
+from scalequest_ray.text import choose_direction, parse_rewrite  # noqa: E402
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Missing units.\nFinal question: A car drives 60 km in 2 hours. What is its speed in km/h?",
+     ("A car drives 60 km in 2 hours. What is its speed in km/h?", None)),
+    ("I'll end with 'Final question:' as asked.\n**Final question:** \"How many 3-digit multiples of 7 are there?\"",
+     ("How many 3-digit multiples of 7 are there?", None)),           # last marker wins, quotes/bold stripped
+    ("Here is a harder version: What is 2+3+4?", (None, "missing_marker")),
+    ("Final question:\n   ", (None, "empty_rewrite")),
+    ("", (None, "empty_output")),
+    (None, (None, "empty_output")),
+    ("Nothing to fix.\nFINAL QUESTION:  what is 2 + 3?  ", (None, "identical")),
+])
+def test_parse_rewrite(reply, expected):
+    assert parse_rewrite(reply, "What is 2 + 3?", REWRITE_MARKER) == expected
+
+
+def test_directions_are_seeded_and_both_used():
+    picks = [choose_direction(7, f"q-{i}") for i in range(200)]
+    assert picks == [choose_direction(7, f"q-{i}") for i in range(200)]
+    assert 60 < picks.count("difficulty") < 140
+    assert picks != [choose_direction(8, f"q-{i}") for i in range(200)]
+    for prompt in OPTIMIZER_PROMPTS.values():
+        assert "{query}" in prompt and REWRITE_MARKER in prompt
