@@ -197,8 +197,46 @@ class TrainConfig(_Strict):
         return self.batch_size // (self.per_device_batch_size * self.workers)
 
 
+class OptimizerHTTPConfig(_Strict):
+    """Any OpenAI-compatible chat-completions endpoint (gpt-4o-mini in the paper)."""
+
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 (/chat/completions is appended)")
+    model: str
+    # The NAME of the environment variable holding the key; the key itself never enters a config.
+    api_key_env: str = "OPENAI_API_KEY"
+    qps: Optional[int] = Field(5, gt=0)
+    max_retries: int = Field(5, ge=0)
+    retry_wait_s: float = Field(1.0, gt=0)
+    concurrency: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class QpoPairsStageConfig(_Strict):
+    """QPO preference pairs: the QFT model writes questions, an optimizer rewrites each in one
+    seeded direction (solvability or difficulty); chosen = rewrite, rejected = original."""
+
+    generator: str = Field(description="name under models: the question generator (usually stage:qft)")
+    num_questions: int = Field(gt=0)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.99, max_tokens=512)
+    )
+    min_chars: int = Field(8, ge=1)
+    optimizer_model: Optional[str] = Field(None, description="name under models: a vLLM replica pool")
+    optimizer_http: Optional[OptimizerHTTPConfig] = None
+    optimizer_sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=1024)
+    )
+
+    @model_validator(mode="after")
+    def _one_backend(self):
+        if (self.optimizer_model is None) == (self.optimizer_http is None):
+            raise ValueError("set exactly one of optimizer_model, optimizer_http")
+        return self
+
+
 class StagesConfig(_Strict):
     qft: Optional[TrainConfig] = None
+    qpo_pairs: Optional[QpoPairsStageConfig] = None
     seed_problems: Optional[SeedProblemsStageConfig] = None
     questions: Optional[QuestionsStageConfig] = None
     responses: Optional[ResponsesStageConfig] = None
@@ -220,7 +258,7 @@ class RayConfig(_Strict):
 
 
 STAGE_ORDER = ("questions", "responses")
-STAGES = Literal["seed_problems", "qft", "questions", "responses"]
+STAGES = Literal["seed_problems", "qft", "qpo_pairs", "questions", "responses"]
 
 
 class RunConfig(_Strict):
@@ -252,6 +290,10 @@ class RunConfig(_Strict):
             refs.append(("stages.responses.model", stages.responses.model))
         if stages.qft:
             refs.append(("stages.qft.model", stages.qft.model))
+        if stages.qpo_pairs:
+            refs.append(("stages.qpo_pairs.generator", stages.qpo_pairs.generator))
+            if stages.qpo_pairs.optimizer_model:
+                refs.append(("stages.qpo_pairs.optimizer_model", stages.qpo_pairs.optimizer_model))
         for where, name in refs:
             if name not in self.models:
                 raise ValueError(f"{where}: model '{name}' is not defined under models ({', '.join(self.models)})")
@@ -260,7 +302,8 @@ class RunConfig(_Strict):
     def stage_fingerprint(self, stage: str, upstream: Optional[str] = None) -> str:
         """Hash of everything that changes a stage's output (not how it is scaled)."""
         section = getattr(self.stages, stage).model_dump(mode="json")
-        used = [g["model"] for g in section.get("generators", [])] + ([section["model"]] if "model" in section else [])
+        used = [g["model"] for g in section.get("generators", [])] + [
+            section[k] for k in ("model", "generator", "optimizer_model") if section.get(k)]
         payload = {
             "stage": stage,
             "seed": self.seed,

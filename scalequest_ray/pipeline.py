@@ -13,7 +13,8 @@ def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str) -> list[
     """Point `stage:qft`-style model paths used by `stage` at the exported checkpoints; returns
     the hashes of those training stages (they are part of what the stage depends on)."""
     section = getattr(cfg.stages, stage)
-    names = [g.model for g in getattr(section, "generators", [])] + ([section.model] if hasattr(section, "model") else [])
+    names = [g.model for g in getattr(section, "generators", [])] + [
+        getattr(section, k) for k in ("model", "generator", "optimizer_model") if getattr(section, k, None)]
     hashes = []
     for name in names:
         path = cfg.models[name].path
@@ -41,9 +42,10 @@ def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
 
 def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False, echo=print) -> list[StageResult]:
     from .engine import init_ray
-    from .stages import questions, responses, seed_problems
+    from .stages import qpo_pairs, questions, responses, seed_problems
 
-    builders = {"seed_problems": seed_problems.build, "questions": questions.build, "responses": responses.build}
+    builders = {"seed_problems": seed_problems.build, "qpo_pairs": qpo_pairs.build, "questions": questions.build,
+                "responses": responses.build}
     storage = Storage(cfg.root, cfg.storage.endpoint_url)
     selected = stages or cfg.pipeline
     for stage in selected:

@@ -1,0 +1,91 @@
+"""Question generation from a generator's bare user-turn prefix, as a Ray Dataset.
+
+Shared by the questions stage and the QPO pair stage. The prompt is only the generator's chat
+template up to where the user's text starts; the model continues with a question and stops at
+the end-of-turn marker. Diversity comes from sampling alone, so every row gets its own seed
+derived from (run seed, tag, generator, row index).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+
+from .config import ModelConfig, RunConfig, SamplingConfig
+from .engine import GENERATION_FIELDS, build_llm, engine_result, keep_all
+from .models import load_tokenizer
+from .runner import REASON, TOKENS
+from .text import derive_seed, stop_criteria, turn_template
+
+SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("query", pa.string()),
+    ("generator", pa.string()),
+    ("generator_model", pa.string()),
+    *GENERATION_FIELDS,
+])
+
+
+class _Prompt:
+    """Row -> engine request. A class (not a closure) so Ray pickles only these few fields."""
+
+    def __init__(self, run_seed, tag, generator, prefix, sampling):
+        self.run_seed, self.tag, self.generator = run_seed, tag, generator
+        self.prefix, self.sampling = prefix, sampling
+
+    def __call__(self, row: dict) -> dict:
+        i = int(row["id"])
+        seed = derive_seed(self.run_seed, self.tag, self.generator, i)
+        return {
+            "query_id": f"{self.generator}-{i:09d}",
+            "seed": seed,
+            "prompt": self.prefix,
+            "sampling_params": {**self.sampling, "seed": seed},
+        }
+
+
+def finalize(batch: pd.DataFrame, generator: str, model_path: str, sampling: dict, stop_ids: list,
+             max_model_len: int, min_chars: int) -> pa.Table:
+    """Engine output -> question rows, with a reason on the rows to exclude."""
+    rows = []
+    sampling_json = json.dumps(sampling, sort_keys=True)
+    for r in batch.to_dict("records"):
+        out = engine_result(r, sampling["max_tokens"], max_model_len, stop_ids)
+        text = (out["text"] or "").strip()
+        reason = ("engine_error" if out["error"] else "truncated" if out["finish_reason"] == "length"
+                  else "empty" if len(text) < min_chars else None)
+        rows.append({
+            "query_id": r["query_id"], "query": text, "generator": generator, "generator_model": model_path,
+            "seed": int(r["seed"]), "sampling": sampling_json, "finish_reason": out["finish_reason"],
+            "num_input_tokens": out["num_input_tokens"], TOKENS: out["num_output_tokens"], REASON: reason,
+            "error": out["error"],
+        })
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def generate_questions(cfg: RunConfig, name: str, model: ModelConfig, num_questions: int,
+                       sampling_cfg: SamplingConfig, min_chars: int, tag: str = "questions"):
+    """(Ray Dataset of question rows with exclude_reason, the generator's turn prefix)."""
+    import ray
+
+    tokenizer = load_tokenizer(model.path, cfg.storage.endpoint_url)
+    turn = turn_template(tokenizer)
+    stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
+    sampling = {
+        "temperature": sampling_cfg.temperature,
+        "top_p": sampling_cfg.top_p,
+        "max_tokens": sampling_cfg.max_tokens,
+        "stop_token_ids": stops,
+        "stop": stop_strings,
+    }
+    processor = build_llm(model, _Prompt(cfg.seed, tag, name, turn.prefix, sampling), keep_all, cfg.storage.endpoint_url)
+    blocks = max(1, min(num_questions // max(model.scale.batch_size, 1), 1000))
+    ds = processor(ray.data.range(num_questions, override_num_blocks=blocks))
+    return ds.map_batches(
+        finalize,
+        batch_format="pandas",
+        fn_kwargs=dict(generator=name, model_path=model.path, sampling=sampling, stop_ids=stops,
+                       max_model_len=model.engine.max_model_len, min_chars=min_chars),
+    ), turn.prefix

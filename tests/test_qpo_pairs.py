@@ -1,0 +1,136 @@
+"""QPO pair building: tiny generator -> optimizer (vLLM pool, or an OpenAI-compatible HTTP server
+started here on 127.0.0.1 that answers with fixed rewrites and injects a 429 and a 500)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from scalequest_ray import pipeline
+from scalequest_ray.config import load_config
+
+pytestmark = pytest.mark.integration
+API_KEY = "sk-test-qpo-key-never-logged-91c2"
+
+
+def _read(folder: Path) -> pd.DataFrame:
+    files = sorted(folder.glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+
+
+def _config(tmp_path, tiny_model, optimizer: dict) -> Path:
+    engine = {"max_model_len": 1024, "enforce_eager": True, "cpu_kv_cache_gib": 1}
+    raw = {
+        "name": "qpo", "root": str(tmp_path / "root"), "seed": 11,
+        "models": {"tiny": {"path": str(tiny_model), "engine": engine, "scale": {"batch_size": 8}}},
+        "stages": {"qpo_pairs": {"generator": "tiny", "num_questions": 16, "min_chars": 1,
+                                 "sampling": {"max_tokens": 24},
+                                 "optimizer_sampling": {"temperature": 0.0, "max_tokens": 32}, **optimizer}},
+        "pipeline": ["qpo_pairs"],
+    }
+    path = tmp_path / "qpo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """POST /v1/chat/completions. Request 1 -> 429, request 2 -> 500, then fixed rewrites; every
+    third question gets a reply without the marker, to exercise that reason."""
+
+    calls: list = []
+    lock = threading.Lock()
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            FakeOpenAI.calls.append({"auth": self.headers.get("Authorization"), "path": self.path})
+            n = len(FakeOpenAI.calls)
+        if n == 1:
+            return self._send(429, {"error": {"message": "rate limited"}})
+        if n == 2:
+            return self._send(500, {"error": {"message": "internal error"}})
+        prompt = body["messages"][0]["content"]
+        original = prompt.split("Problem:\n", 1)[1].split("\n\n", 1)[0]
+        if sum(map(ord, original)) % 3 == 0:
+            content = "I could not improve it."
+        else:
+            content = f"It needs a number.\nFinal question: {original} Give the answer as a number."
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}],
+                         "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split())}})
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def fake_openai():
+    FakeOpenAI.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_pairs_via_http_optimizer_with_retries(tiny_model, ray_cluster, tmp_path, fake_openai, monkeypatch, capfd):
+    monkeypatch.setenv("SQ_TEST_OPTIMIZER_KEY", API_KEY)
+    cfg = load_config(_config(tmp_path, tiny_model, {"optimizer_http": {
+        "base_url": fake_openai, "model": "fake-4o-mini", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
+        "qps": 50, "max_retries": 3, "retry_wait_s": 0.05}}))
+    result = pipeline.run(cfg)[0]
+    out = Path(cfg.root) / "qpo_pairs"
+    pairs, excluded = _read(out / "data"), _read(out / "exclusions")
+    assert len(pairs) + len(excluded) == 16
+    asked = excluded[~excluded.exclude_reason.str.startswith("question_")]
+    # every kept question was sent (the 429 and the 500 were retried, not lost)
+    assert len(FakeOpenAI.calls) == len(pairs) + len(asked) + 2
+    assert {c["auth"] for c in FakeOpenAI.calls} == {f"Bearer {API_KEY}"}
+    assert len(pairs) > 0 and set(asked.exclude_reason) <= {"missing_marker", "identical", "empty_rewrite"}
+    assert (pairs.chosen == pairs.rejected + " Give the answer as a number.").all()
+    assert set(pairs.direction) <= {"solvability", "difficulty"}
+    assert (pairs.completion_tokens > 0).all() and (pairs.prompt_tokens > 0).all()
+    assert pairs.prompt.str.endswith("<|im_start|>user\n").all()
+    assert sum(result.manifest["excluded_by_reason"].values()) == len(excluded)
+    # the key is in no output and no log line
+    logs = "".join(capfd.readouterr())
+    assert API_KEY not in logs
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert API_KEY.encode() not in f.read_bytes()
+
+
+def test_pairs_via_vllm_optimizer(tiny_model, ray_cluster, tmp_path):
+    cfg = load_config(_config(tmp_path, tiny_model, {"optimizer_model": "tiny"}))
+    pipeline.run(cfg)
+    out = Path(cfg.root) / "qpo_pairs"
+    pairs, excluded = _read(out / "data"), _read(out / "exclusions")
+    assert len(pairs) + len(excluded) == 16
+    # a random model never writes the marker: every asked question is excluded with that reason
+    asked = excluded[~excluded.exclude_reason.str.startswith("question_")]
+    assert len(asked) > 0 and set(asked.exclude_reason) <= {"missing_marker", "empty_output"}
+    assert (asked.optimizer == str(tiny_model)).all() and asked.optimizer_output.notna().any()
+
+
+def test_missing_api_key_is_a_clear_error(tiny_model, ray_cluster, tmp_path, monkeypatch):
+    from scalequest_ray.storage import InputError
+
+    monkeypatch.delenv("SQ_TEST_ABSENT_KEY", raising=False)
+    cfg = load_config(_config(tmp_path, tiny_model, {"optimizer_http": {
+        "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "SQ_TEST_ABSENT_KEY"}}))
+    with pytest.raises(InputError, match="environment variable SQ_TEST_ABSENT_KEY is not set"):
+        pipeline.run(cfg)
