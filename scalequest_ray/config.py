@@ -21,7 +21,7 @@ from . import models as model_refs
 from .prompts import SOLVER_INSTRUCTION
 
 
-TRAINING_STAGES = ("qft",)
+TRAINING_STAGES = ("qft", "qpo")
 
 
 class ConfigError(ValueError):
@@ -197,6 +197,16 @@ class TrainConfig(_Strict):
         return self.batch_size // (self.per_device_batch_size * self.workers)
 
 
+class DpoConfig(TrainConfig):
+    """QPO training. Paper: beta 0.1, lr 5e-7, batch 128, 1 epoch, sigmoid loss, reference
+    model = the QFT model (the policy's starting point)."""
+
+    learning_rate: float = Field(5e-7, gt=0)
+    batch_size: int = Field(128, ge=1)
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = "sigmoid"
+
+
 class OptimizerHTTPConfig(_Strict):
     """Any OpenAI-compatible chat-completions endpoint (gpt-4o-mini in the paper)."""
 
@@ -237,6 +247,7 @@ class QpoPairsStageConfig(_Strict):
 class StagesConfig(_Strict):
     qft: Optional[TrainConfig] = None
     qpo_pairs: Optional[QpoPairsStageConfig] = None
+    qpo: Optional[DpoConfig] = None
     seed_problems: Optional[SeedProblemsStageConfig] = None
     questions: Optional[QuestionsStageConfig] = None
     responses: Optional[ResponsesStageConfig] = None
@@ -258,7 +269,7 @@ class RayConfig(_Strict):
 
 
 STAGE_ORDER = ("questions", "responses")
-STAGES = Literal["seed_problems", "qft", "qpo_pairs", "questions", "responses"]
+STAGES = Literal["seed_problems", "qft", "qpo_pairs", "qpo", "questions", "responses"]
 
 
 class RunConfig(_Strict):
@@ -288,8 +299,9 @@ class RunConfig(_Strict):
             refs += [(f"stages.questions.generators.{i}.model", g.model) for i, g in enumerate(stages.questions.generators)]
         if stages.responses:
             refs.append(("stages.responses.model", stages.responses.model))
-        if stages.qft:
-            refs.append(("stages.qft.model", stages.qft.model))
+        for train in ("qft", "qpo"):
+            if getattr(stages, train):
+                refs.append((f"stages.{train}.model", getattr(stages, train).model))
         if stages.qpo_pairs:
             refs.append(("stages.qpo_pairs.generator", stages.qpo_pairs.generator))
             if stages.qpo_pairs.optimizer_model:

@@ -9,7 +9,7 @@ from .runner import StageResult, run_stage
 from .storage import InputError, Storage, read_input
 
 
-def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str) -> list[str]:
+def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str, declared: dict) -> list[str]:
     """Point `stage:qft`-style model paths used by `stage` at the exported checkpoints; returns
     the hashes of those training stages (they are part of what the stage depends on)."""
     section = getattr(cfg.stages, stage)
@@ -17,7 +17,7 @@ def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str) -> list[
         getattr(section, k) for k in ("model", "generator", "optimizer_model") if getattr(section, k, None)]
     hashes = []
     for name in names:
-        path = cfg.models[name].path
+        path = declared[name]  # as written in the config: an earlier stage may have resolved it
         if path.startswith("stage:"):
             producer = path[len("stage:"):]
             manifest = storage.manifest(producer)
@@ -30,8 +30,8 @@ def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str) -> list[
 
 def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
     """What a stage's output depends on besides its own config: the upstream stage's hash."""
-    if stage == "qft":
-        return None  # qft.run works out its own upstream (seed problems or a file)
+    if stage in ("qft", "qpo"):
+        return None  # the training recipes work out their own upstream (data stage or a file)
     if stage == "responses":
         if cfg.stages.responses.input:
             return "input:" + cfg.stages.responses.input
@@ -55,14 +55,16 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
     # Cheap checks of the user's input file happen before any engine starts.
     if "responses" in selected and cfg.stages.responses.input:
         read_input(cfg.stages.responses.input, cfg.storage.endpoint_url, required_column="query")
+    declared = {name: m.path for name, m in cfg.models.items()}
     results = []
     for stage in selected:
-        if stage == "qft":
-            from .train import qft
+        trained = _resolve_stage_models(cfg, storage, stage, declared)
+        if stage in ("qft", "qpo"):
+            from .train import qft, qpo
 
-            results.append(qft.run(cfg, storage, force=force, echo=echo))
+            recipe = {"qft": qft, "qpo": qpo}[stage]
+            results.append(recipe.run(cfg, storage, force=force, echo=echo, depends_on="|".join(trained)))
             continue
-        trained = _resolve_stage_models(cfg, storage, stage)
         upstream = "|".join(filter(None, [_upstream(cfg, storage, stage), *trained])) or None
         result = run_stage(cfg, storage, stage, lambda s=stage: builders[s](cfg, storage),
                            upstream=upstream, force=force)

@@ -134,3 +134,42 @@ def test_missing_api_key_is_a_clear_error(tiny_model, ray_cluster, tmp_path, mon
         "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "SQ_TEST_ABSENT_KEY"}}))
     with pytest.raises(InputError, match="environment variable SQ_TEST_ABSENT_KEY is not set"):
         pipeline.run(cfg)
+
+
+def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_path, fake_openai, monkeypatch):
+    """seed problems -> QFT -> QPO pairs (HTTP optimizer) -> DPO -> questions from the QPO model."""
+    monkeypatch.setenv("SQ_TEST_OPTIMIZER_KEY", API_KEY)
+    engine = {"max_model_len": 1024, "enforce_eager": True, "cpu_kv_cache_gib": 1}
+    train = {"model": "tiny", "workers": 2, "per_device_batch_size": 2, "save_steps": 100, "max_length": 128}
+    raw = {
+        "name": "chain", "root": str(tmp_path / "root"), "seed": 5,
+        "models": {
+            "tiny": {"path": str(tiny_model), "engine": engine, "scale": {"batch_size": 8}},
+            "qft": {"path": "stage:qft", "engine": engine, "scale": {"batch_size": 8}},
+            "qpo": {"path": "stage:qpo", "engine": engine, "scale": {"batch_size": 8}},
+        },
+        "stages": {
+            "seed_problems": {},
+            "qft": {**train, "batch_size": 8, "max_examples": 32, "learning_rate": 1e-4},
+            "qpo_pairs": {"generator": "qft", "num_questions": 24, "min_chars": 1, "sampling": {"max_tokens": 64},
+                          "optimizer_http": {"base_url": fake_openai, "model": "fake", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
+                                             "qps": 50, "retry_wait_s": 0.05}},
+            "qpo": {**train, "model": "qft", "batch_size": 4, "epochs": 3, "learning_rate": 5e-4, "beta": 0.1},
+            "questions": {"generators": [{"name": "qpo", "model": "qpo", "num_questions": 8}],
+                          "sampling": {"max_tokens": 16}, "min_chars": 1},
+        },
+        "pipeline": ["seed_problems", "qft", "qpo_pairs", "qpo", "questions"],
+    }
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    results = pipeline.run(load_config(path))
+    root = Path(raw["root"])
+    qpo = json.loads((root / "qpo" / "_manifest.json").read_text())
+    m = qpo["metrics"]
+    assert m["steps"] >= 3 and m["final_loss"] < m["first_loss"]
+    assert m["rewards/margins"][-1] > m["rewards/margins"][0]
+    assert qpo["upstream"].startswith("qpo_pairs:") and "qft:" in qpo["upstream"]
+    assert (root / "qpo" / "model" / "model.safetensors").exists()
+    q = results[-1].manifest
+    assert q["rows"] + q["excluded_rows"] == 8 and "qpo:" in q["upstream"]
+    assert json.loads((root / "questions" / "_manifest.json").read_text())["rows"] == q["rows"]

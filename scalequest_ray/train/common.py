@@ -103,6 +103,102 @@ def write_metrics(c: dict, metrics: dict) -> None:
         f.write(json.dumps(metrics).encode())
 
 
+def read_columns(uri: str, endpoint: Optional[str], columns: list[str], limit: Optional[int]) -> dict:
+    """Columns of a (small) training set, read on each worker straight from storage."""
+    import pyarrow.dataset as pads
+
+    fs, path = resolve(uri, endpoint)
+    fmt = "json" if path.endswith((".jsonl", ".json")) else "parquet"
+    table = pads.dataset(path, filesystem=fs, format=fmt).to_table(columns=columns)
+    if limit:
+        table = table.slice(0, limit)
+    return table.to_pydict()
+
+
+def worker_setup(c: dict):
+    """Per-worker set-up shared by the recipes: threads, DeepSpeed's process group, the model
+    and its tokenizer. Returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on_gpu = c["gpus_per_worker"] > 0
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(c["cpus_per_worker"])))
+    if c["deepspeed"] != "none":
+        import deepspeed
+
+        # Before TrainingArguments: otherwise ZeRO-3 computes the batch size for world size 1.
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    model_path = local_model(c["model_path"], c["endpoint"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c["precision"], torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), tokenizer
+
+
+def common_args(c: dict, output_dir: str) -> dict:
+    """TrainingArguments fields every recipe sets the same way from a TrainConfig dict."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=c["per_device_batch_size"],
+        gradient_accumulation_steps=c["accumulation"],
+        learning_rate=c["learning_rate"],
+        num_train_epochs=c["epochs"],
+        lr_scheduler_type=c["lr_scheduler"],
+        warmup_steps=c["warmup_ratio"],  # transformers 5: a float in [0, 1) is a ratio of total steps
+        max_length=c["max_length"],
+        bf16=c["precision"] == "bf16",
+        fp16=c["precision"] == "fp16",
+        use_cpu=c["gpus_per_worker"] == 0,
+        deepspeed=deepspeed_config(c["deepspeed"]),
+        gradient_checkpointing=c["gradient_checkpointing"],
+        save_strategy="steps",
+        save_steps=c["save_steps"],
+        save_total_limit=c["keep_checkpoints"],
+        logging_steps=1,
+        report_to=[],
+        seed=c["seed"],
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def train_and_export(trainer_cls, c: dict, model, tokenizer, dataset, args, **trainer_kwargs) -> None:
+    """Build the TRL trainer with Ray's report callback, resume if Ray has a checkpoint, train,
+    export the model and (rank 0) write the final metrics."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers import TrainerCallback
+
+    start = {}
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            start["step"] = state.global_step  # > 0 when resumed from a checkpoint
+
+    callbacks = [RayTrainReportCallback(), Progress()]
+    if c.get("fault"):
+        callbacks.append(FaultInjection(**c["fault"]).callback())
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=callbacks, **trainer_kwargs)
+    trainer = prepare_trainer(trainer)
+    trainer.train(resume_from_checkpoint=resume_dir())
+    export_model(trainer, tokenizer, c["export_uri"], c["endpoint"])
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    if ray.train.get_context().get_world_rank() == 0:
+        extra = {k: [h[k] for h in history if k in h] for k in ("rewards/margins", "rewards/accuracies")}
+        write_metrics(c, {
+            "steps": trainer.state.global_step,
+            "start_step": start.get("step", 0),
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "losses": losses,
+            "examples": len(dataset),
+            **{k: v for k, v in extra.items() if v},
+        })
+
+
 class FaultInjection:
     """Test hook: raise once at a given step (a marker file makes the retry pass), or always."""
 

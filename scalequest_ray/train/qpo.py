@@ -1,0 +1,55 @@
+"""QPO (question preference optimisation, ScaleQuest stage 2): DPO of the QFT model on pairs of
+(prompt = user-turn prefix, chosen = optimizer's rewrite, rejected = original question).
+
+TRL's DPOTrainer with the reference model = a frozen copy of the starting policy, i.e. the QFT
+model; same Ray Train run, checkpoints, resume and export as QFT (<root>/qpo/model/).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..config import RunConfig
+from ..storage import InputError, Storage
+from ..text import turn_template
+from .common import common_args, read_columns, run_training, train_and_export, worker_setup
+
+
+def dpo_rows(tokenizer, pairs: dict) -> list[dict]:
+    eot = turn_template(tokenizer).end_of_turn
+    return [{"prompt": p, "chosen": c.strip() + eot, "rejected": r.strip() + eot}
+            for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+
+
+def train_loop(c: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import tempfile
+
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = worker_setup(c)
+    rows = dpo_rows(tokenizer, read_columns(c["data_uri"], c["endpoint"], ["prompt", "chosen", "rejected"],
+                                            c["max_examples"]))
+    args = DPOConfig(beta=c["beta"], loss_type=c["loss_type"], **common_args(c, tempfile.mkdtemp(prefix="qpo-")))
+    # ref_model=None: TRL keeps a frozen copy of the starting policy (the QFT model) as reference.
+    train_and_export(DPOTrainer, c, model, tokenizer, datasets.Dataset.from_list(rows), args, ref_model=None)
+
+
+def run(cfg: RunConfig, storage: Storage, force: bool = False, fault: Optional[dict] = None, echo=print,
+        depends_on: str = "") -> dict:
+    """`depends_on`: hashes of the training stages whose exported model this one starts from."""
+    tcfg = cfg.stages.qpo
+    if tcfg.input:
+        data_uri, upstream = tcfg.input, "input:" + tcfg.input
+    else:
+        pairs = storage.manifest("qpo_pairs")
+        if pairs is None:
+            raise InputError("the qpo_pairs stage has not finished in this run root; run it first or set stages.qpo.input")
+        if pairs["rows"] == 0:
+            raise InputError(f"the qpo_pairs stage kept no pairs ({pairs['excluded_by_reason']}); nothing to train on")
+        data_uri, upstream = storage.uri("qpo_pairs", "data"), "qpo_pairs:" + pairs["config_hash"]
+    loop_config = {**tcfg.model_dump(mode="json"), "accumulation": tcfg.accumulation,
+                   "model_path": cfg.models[tcfg.model].path, "data_uri": data_uri, "fault": fault}
+    upstream = "|".join(filter(None, [upstream, depends_on]))
+    return run_training(cfg, storage, "qpo", train_loop, loop_config, upstream, force=force, echo=echo)
