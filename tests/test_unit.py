@@ -237,3 +237,31 @@ def test_directions_are_seeded_and_both_used():
     assert picks != [choose_direction(8, f"q-{i}") for i in range(200)]
     for prompt in OPTIMIZER_PROMPTS.values():
         assert "{query}" in prompt and REWRITE_MARKER in prompt
+
+
+# --- question quality checks ------------------------------------------------------------------
+
+from scalequest_ray.quality import distinct_ngram_ratio, summarize, wellformed_reason  # noqa: E402
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("A train travels 120 km in 2 hours. What is its average speed in km/h?", None),
+    ("A circle has radius 3 cm. What is its area in cm², using π ≈ 3.14 for “pi”?", None),
+    ("Find the sum of all two-digit positive integers divisible by 7.", None),
+    ("Wie viele Äpfel hat Anna, wenn sie drei Tüten mit je 5 Äpfeln kauft?", "not_english"),
+    ("一个三角形的三个内角分别是多少度，如果其中两个角是 30 度和 60 度？", "too_short"),
+    ("Could you write a function?\n```python\ndef f(x):\n    return x ** 2\n```", "code"),
+    ("How can I create a community where everyone feels welcome and supported at work?", "no_number"),
+    ("The weather today is sunny with 3 clouds and a light breeze from the west.", "no_question"),
+    ("What is 2+2?", "too_short"),
+    ("", "empty"),
+])
+def test_wellformed_reason(text, reason):
+    assert wellformed_reason(text) == reason
+
+
+def test_distinct_ngrams_and_summary():
+    assert distinct_ngram_ratio(["a b c d e", "a b c d e"]) == 0.5
+    assert distinct_ngram_ratio(["a b c d e", "f g h i j"]) == 1.0
+    s = summarize(["A train travels 120 km in 2 hours. What is its average speed in km/h?", "hello"])
+    assert s["wellformed_share"] == 0.5 and s["rejected_by_reason"] == {"too_short": 1}
