@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import RunConfig
-from .runner import StageResult, run_stage
+from .config import ConfigError, RunConfig
+from .runner import run_stage
 from .storage import InputError, Storage, read_input
 
 
@@ -40,17 +40,20 @@ def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
     return None
 
 
-def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False, echo=print) -> list[StageResult]:
+def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False, echo=print) -> list:
+    """Run `stages` (default: cfg.pipeline) in order. Returns one entry per stage: a StageResult
+    for data stages, the manifest dict for training stages."""
     from .engine import init_ray
     from .stages import qpo_pairs, questions, responses, seed_problems
 
+    cfg = cfg.model_copy(deep=True)  # model paths get resolved below; the caller's config stays as written
     builders = {"seed_problems": seed_problems.build, "qpo_pairs": qpo_pairs.build, "questions": questions.build,
                 "responses": responses.build}
     storage = Storage(cfg.root, cfg.storage.endpoint_url)
     selected = stages or cfg.pipeline
     for stage in selected:
         if getattr(cfg.stages, stage) is None:
-            raise ValueError(f"stages.{stage} is not configured")
+            raise ConfigError(f"stages.{stage} is not configured")
     init_ray(cfg)
     # Cheap checks of the user's input file happen before any engine starts.
     if "responses" in selected and cfg.stages.responses.input:
