@@ -8,7 +8,12 @@ from typing import Iterable, Optional
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)?")
 _NUMBER = re.compile(r"\d|\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|hundred|thousand|half|twice|double|triple)\b", re.I)
-_QUESTION = re.compile(r"\?|\b(?:what|how many|how much|find|compute|calculate|determine|evaluate|solve|prove|show that|simplify)\b", re.I)
+# A question sentence: one that ends with "?", or an instruction that opens a sentence with a
+# math verb ("Find the ...", "Compute ..."). A verb in mid-sentence ("... to determine what ...")
+# does not count.
+_QUESTION = re.compile(
+    r"\?\s*$|\?\s+[\"'”’)]?\s*|(?:^|[.!?:]\s+|\n)(?:find|compute|calculate|determine|evaluate|solve|prove|show that|simplify|how many|how much|what is)\b",
+    re.I | re.M)
 _CODE = re.compile(r"```|\bdef \w+\(|\bimport \w+|#include|\bfunction\s*\(|\bprint\(|;\s*$|</?\w+>", re.M)
 
 
