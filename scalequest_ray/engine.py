@@ -12,13 +12,6 @@ from .runner import REASON, TOKENS
 from .storage import endpoint_url
 from .text import finish_reason
 
-# Columns of Ray Data LLM's output rows that we never keep (large, or internal bookkeeping).
-ENGINE_COLUMNS = (
-    "prompt", "prompt_token_ids", "generated_tokens", "generated_text", "num_input_tokens",
-    "num_generated_tokens", "embeddings", "metrics", "logprobs", "prompt_logprobs", "request_id",
-    "batch_uuid", "time_taken_llm", "params", "sampling_params", "__inference_error__",
-)
-
 
 def init_ray(cfg: RunConfig) -> None:
     """Join the configured cluster (or RAY_ADDRESS, as under `ray job submit`), else start one."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -12,8 +11,6 @@ import pyarrow.compute as pc
 
 from .config import RunConfig
 from .storage import Storage
-
-log = logging.getLogger("scalequest_ray")
 
 # Every stage's annotated dataset carries these two columns; the runner splits on the first and
 # sums the second for the summary line.
