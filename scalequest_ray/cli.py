@@ -33,6 +33,12 @@ def cmd_fetch_demo(args):
     from .models import fetch_demo_model
 
     print(fetch_demo_model(Path(args.target) if args.target else None, force=args.force))
+    if not args.target:
+        from .models import DEMO_MODEL_NAME, build_scorer_model, cache_dir
+
+        # The demo's reward model: SmolLM2 + an untrained one-output head (no trained reward
+        # model can be fetched offline; see README "Reward scoring").
+        print(build_scorer_model(cache_dir() / "models" / f"{DEMO_MODEL_NAME}-reward-init", fetch_demo_model()))
 
 
 def cmd_build_tiny(args):

@@ -18,10 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import models as model_refs
-from .prompts import SOLVER_INSTRUCTION
+from .prompts import SOLVABILITY_INSTRUCTION, SOLVER_INSTRUCTION
 
 
-TRAINING_STAGES = ("qft", "qpo")
+TRAINING_STAGES = ("qft", "qpo", "difficulty_scorer")
 
 
 class ConfigError(ValueError):
@@ -144,6 +144,10 @@ class SeedSource(_Strict):
     split: str = "train"
     path: Optional[str] = None
     question_column: str = "question"
+    # Reference answers (difficulty labelling needs them): the column, and how the answer is
+    # written there: plain text, GSM8K's "... #### 42", or a solution with a final \boxed{}.
+    answer_column: Optional[str] = None
+    answer_format: Literal["plain", "gsm8k", "boxed"] = "plain"
 
     @model_validator(mode="after")
     def _one(self):
@@ -244,13 +248,141 @@ class QpoPairsStageConfig(_Strict):
         return self
 
 
+class LanguageStageConfig(_Strict):
+    """Keep one well-formed math question per row, in the wanted languages."""
+
+    input: Optional[str] = Field(None, description="None = the previous data stage of the pipeline")
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
+    # Below this py3langid probability a wanted language among its top three is accepted
+    # (short, symbol-heavy math text confuses language ID).
+    min_language_confidence: float = Field(0.5, ge=0, le=1)
+    min_words: int = Field(5, ge=1)
+    max_words: int = Field(300, ge=1)
+    require_question: bool = True
+    require_number: bool = False
+    # The reference's rule (drop any non-ASCII character); also drops questions with pi, degree
+    # signs or curly quotes. Only for reproducing its numbers.
+    ascii_only: bool = False
+
+
+class BenchmarkSource(SeedSource):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="reported in exclusion reasons")
+
+
+class DedupStageConfig(_Strict):
+    """Exact and near-duplicate removal over the whole run, and benchmark decontamination."""
+
+    input: Optional[str] = None
+    exact: bool = True
+    near: bool = True
+    # MinHash over word shingles of the normalised text (numbers masked, so questions that
+    # differ only in their numbers collide); LSH bands found for this Jaccard threshold.
+    threshold: float = Field(0.8, gt=0, lt=1)
+    num_perm: int = Field(128, ge=16)
+    shingle_words: int = Field(3, ge=1)
+    decontaminate: list[BenchmarkSource] = Field(default_factory=list)
+    ngram: int = Field(13, ge=3, description="n-gram (words) overlap with a benchmark question = contaminated")
+    num_partitions: Optional[int] = Field(None, ge=1, description="shuffle partitions (None = cluster CPUs)")
+
+
+class SolvabilityStageConfig(_Strict):
+    """An LLM judge (default: the solver) keeps questions it can solve from their own conditions."""
+
+    input: Optional[str] = None
+    model: str
+    instruction: str = SOLVABILITY_INSTRUCTION
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512))
+    on_unparseable: Literal["drop", "keep"] = "drop"
+    max_query_chars: int = Field(4000, gt=0)
+
+
+class DifficultyLabelsStageConfig(_Strict):
+    """The solver's fail rate on problems with known answers: labels for the difficulty scorer."""
+
+    model: str
+    sources: list[SeedSource] = Field(
+        default_factory=lambda: [SeedSource(builtin="champ", answer_column="answer")], min_length=1)
+    k: int = Field(8, ge=1, le=64, description="solutions sampled per problem")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=1024))
+    instruction: str = SOLVER_INSTRUCTION
+    max_problems: Optional[int] = Field(None, ge=1)
+    max_query_chars: int = Field(4000, gt=0)
+
+    @model_validator(mode="after")
+    def _answers(self):
+        for i, src in enumerate(self.sources):
+            if src.answer_column is None:
+                raise ValueError(f"sources.{i}: answer_column is required (labels need reference answers)")
+        return self
+
+
+class ScorerTrainConfig(TrainConfig):
+    """The difficulty scorer: `model` + a one-output regression head, MSE on the fail rate."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: float = Field(3, gt=0)
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of labelled problems held out for the reported MSE")
+
+
+class DifficultyStageConfig(_Strict):
+    """Score each question with the scorer (predicted fail rate), then drop the easiest."""
+
+    input: Optional[str] = None
+    model: str = Field(description="name under models: the scorer (usually path stage:difficulty_scorer)")
+    max_length: int = Field(512, ge=8)
+    # Drop this share of the easiest questions (lowest predicted fail rate) of each generator
+    # (or of the whole run); or keep a sample shaped like target_histogram.
+    drop_easiest: float = Field(0.0, ge=0, lt=1)
+    per_generator: bool = True
+    target_histogram: Optional[list[tuple[float, float, float]]] = Field(
+        None, description="[[low, high, share], ...] over the predicted fail rate")
+    histogram_bins: int = Field(1000, ge=2)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.drop_easiest and self.target_histogram:
+            raise ValueError("set drop_easiest or target_histogram, not both")
+        return self
+
+
+class RewardStageConfig(_Strict):
+    """A reward model scores every (bare question, response) candidate."""
+
+    input: Optional[str] = None
+    model: str
+    # sequence_classification: AutoModelForSequenceClassification with one label on the
+    # chat-formatted pair (Skywork-Reward style). get_scores: a trust_remote_code model's own
+    # `get_scores(chats, tokenizer)` (InternLM2-Reward style).
+    method: Literal["sequence_classification", "get_scores"] = "sequence_classification"
+    max_length: int = Field(4096, ge=8)
+
+
+class SelectionStageConfig(_Strict):
+    """Best-of-n by reward per question, optionally only among majority-answer candidates."""
+
+    input: Optional[str] = None
+    require_majority: bool = False
+    min_reward: Optional[float] = None
+    min_agreement: float = Field(0.0, ge=0, le=1)
+    jsonl: bool = True
+
+
 class StagesConfig(_Strict):
     qft: Optional[TrainConfig] = None
     qpo_pairs: Optional[QpoPairsStageConfig] = None
     qpo: Optional[DpoConfig] = None
     seed_problems: Optional[SeedProblemsStageConfig] = None
     questions: Optional[QuestionsStageConfig] = None
+    language: Optional[LanguageStageConfig] = None
+    dedup: Optional[DedupStageConfig] = None
+    solvability: Optional[SolvabilityStageConfig] = None
+    difficulty_labels: Optional[DifficultyLabelsStageConfig] = None
+    difficulty_scorer: Optional[ScorerTrainConfig] = None
+    difficulty: Optional[DifficultyStageConfig] = None
     responses: Optional[ResponsesStageConfig] = None
+    reward: Optional[RewardStageConfig] = None
+    selection: Optional[SelectionStageConfig] = None
 
 
 class StorageConfig(_Strict):
@@ -269,7 +401,10 @@ class RayConfig(_Strict):
 
 
 STAGE_ORDER = ("questions", "responses")
-STAGES = Literal["seed_problems", "qft", "qpo_pairs", "qpo", "questions", "responses"]
+STAGES = Literal["seed_problems", "qft", "qpo_pairs", "qpo", "questions", "language", "dedup", "solvability",
+                 "difficulty_labels", "difficulty_scorer", "difficulty", "responses", "reward", "selection"]
+# The data chain: a stage with no `input` reads the closest earlier one of these in the pipeline.
+CHAIN = ("questions", "language", "dedup", "solvability", "difficulty", "responses", "reward", "selection")
 
 
 class RunConfig(_Strict):
@@ -297,15 +432,11 @@ class RunConfig(_Strict):
         refs = []
         if stages.questions:
             refs += [(f"stages.questions.generators.{i}.model", g.model) for i, g in enumerate(stages.questions.generators)]
-        if stages.responses:
-            refs.append(("stages.responses.model", stages.responses.model))
-        for train in ("qft", "qpo"):
-            if getattr(stages, train):
-                refs.append((f"stages.{train}.model", getattr(stages, train).model))
-        if stages.qpo_pairs:
-            refs.append(("stages.qpo_pairs.generator", stages.qpo_pairs.generator))
-            if stages.qpo_pairs.optimizer_model:
-                refs.append(("stages.qpo_pairs.optimizer_model", stages.qpo_pairs.optimizer_model))
+        for stage in StagesConfig.model_fields:
+            section = getattr(stages, stage)
+            for key in ("model", "generator", "optimizer_model"):
+                if section is not None and isinstance(getattr(section, key, None), str):
+                    refs.append((f"stages.{stage}.{key}", getattr(section, key)))
         for where, name in refs:
             if name not in self.models:
                 raise ValueError(f"{where}: model '{name}' is not defined under models ({', '.join(self.models)})")

@@ -124,3 +124,18 @@ def keep_all(row: dict) -> dict:
     """Postprocess that keeps every column, so success rows have the same schema as error rows
     (Ray Data LLM returns error rows whole and skips postprocess for them)."""
     return dict(row)
+
+
+
+def chat_sampling(model: ModelConfig, sampling_cfg, s3_endpoint: Optional[str] = None):
+    """(turn template, stop token ids, vLLM sampling dict) for prompting `model` through its own
+    chat template: generation stops at the template's end-of-turn."""
+    from .models import load_tokenizer
+    from .text import stop_criteria, turn_template
+
+    tokenizer = load_tokenizer(model.path, s3_endpoint)
+    turn = turn_template(tokenizer)
+    stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
+    sampling = {"temperature": sampling_cfg.temperature, "top_p": sampling_cfg.top_p,
+                "max_tokens": sampling_cfg.max_tokens, "stop_token_ids": stops, "stop": stop_strings}
+    return turn, stops, sampling

@@ -14,10 +14,9 @@ import pandas as pd
 import pyarrow as pa
 
 from .config import ModelConfig, RunConfig, SamplingConfig
-from .engine import GENERATION_FIELDS, build_llm, engine_result, keep_all
-from .models import load_tokenizer
+from .engine import GENERATION_FIELDS, build_llm, chat_sampling, engine_result, keep_all
 from .runner import REASON, TOKENS
-from .text import derive_seed, stop_criteria, turn_template
+from .text import derive_seed
 
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
@@ -70,16 +69,7 @@ def generate_questions(cfg: RunConfig, name: str, model: ModelConfig, num_questi
     """(Ray Dataset of question rows with exclude_reason, the generator's turn prefix)."""
     import ray
 
-    tokenizer = load_tokenizer(model.path, cfg.storage.endpoint_url)
-    turn = turn_template(tokenizer)
-    stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
-    sampling = {
-        "temperature": sampling_cfg.temperature,
-        "top_p": sampling_cfg.top_p,
-        "max_tokens": sampling_cfg.max_tokens,
-        "stop_token_ids": stops,
-        "stop": stop_strings,
-    }
+    turn, stops, sampling = chat_sampling(model, sampling_cfg, cfg.storage.endpoint_url)
     processor = build_llm(model, _Prompt(cfg.seed, tag, name, turn.prefix, sampling), keep_all, cfg.storage.endpoint_url)
     blocks = max(1, min(num_questions // max(model.scale.batch_size, 1), 1000))
     ds = processor(ray.data.range(num_questions, override_num_blocks=blocks))

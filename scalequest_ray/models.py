@@ -150,3 +150,25 @@ def build_tiny_model(target: Path, tokenizer_from: Path | None = None, seed: int
     tokenizer.save_pretrained(partial)
     partial.rename(target)
     return target
+
+
+def build_scorer_model(target: Path, base: Path, seed: int = 0) -> Path:
+    """A one-output sequence-classification checkpoint on `base`'s weights, its score head
+    initialised from `seed`. Untrained: it exercises reward/difficulty scoring where no trained
+    reward model can be downloaded (tests, the offline demo); its scores rank arbitrarily."""
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target

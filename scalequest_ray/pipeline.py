@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import ConfigError, RunConfig
+from .chain import stage_input, upstream_of
+from .config import CHAIN, TRAINING_STAGES, ConfigError, RunConfig
 from .runner import run_stage
 from .storage import InputError, Storage, read_input
 
@@ -29,48 +30,98 @@ def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str, declared
 
 
 def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
-    """What a stage's output depends on besides its own config: the upstream stage's hash."""
-    if stage in ("qft", "qpo"):
-        return None  # the training recipes work out their own upstream (data stage or a file)
-    if stage == "responses":
-        if cfg.stages.responses.input:
-            return "input:" + cfg.stages.responses.input
-        m = storage.manifest("questions")
-        return "questions:" + m["config_hash"] if m else None
+    """What a stage's output depends on besides its own config: the upstream stage's commit."""
+    if stage in CHAIN and stage != "questions":
+        return upstream_of(cfg, storage, stage)
+    if stage == "difficulty_labels":
+        return None  # its sources are in its own config section
     return None
+
+
+# What a stage's rows are: the funnel changes unit at responses (n candidates per question) and
+# back at selection (one row per question).
+UNITS = {"responses": "candidates", "reward": "candidates", "difficulty_labels": "labelled problems"}
+
+
+def _rows_in(cfg: RunConfig, storage: Storage, stage: str) -> Optional[int]:
+    if stage not in CHAIN or stage in ("questions", "selection"):
+        return None  # selection: its rows in are the questions it groups (kept + dropped)
+    try:
+        uri, upstream = stage_input(cfg, storage, stage)
+    except InputError:
+        return None
+    if upstream.startswith("input:"):
+        return None
+    return storage.manifest(upstream.split(":", 1)[0])["rows"]
+
+
+def funnel(cfg: RunConfig, storage: Storage, stages: list[str]) -> list[dict]:
+    """Rows in, kept and dropped by reason for every finished data stage (from manifests)."""
+    out = []
+    for stage in stages:
+        m = storage.manifest(stage)
+        if m is None or stage in TRAINING_STAGES:
+            continue
+        rows_in = m.get("rows_in")
+        out.append({"stage": stage, "unit": UNITS.get(stage, "questions"),
+                    "rows_in": m["rows"] + m["excluded_rows"] if rows_in is None else rows_in,
+                    "kept": m["rows"], "dropped": m["excluded_rows"], "dropped_by_reason": m.get("excluded_by_reason", {})})
+    return out
+
+
+def format_funnel(rows: list[dict]) -> str:
+    lines = ["funnel: rows in -> kept (dropped by reason)"]
+    for r in rows:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(r["dropped_by_reason"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  {r['stage']:<18}{r['rows_in']:>8} -> {r['kept']:<8}{r['unit']:<18}" + (f"({reasons})" if reasons else ""))
+    return "\n".join(lines)
 
 
 def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False, echo=print) -> list:
     """Run `stages` (default: cfg.pipeline) in order. Returns one entry per stage: a StageResult
     for data stages, the manifest dict for training stages."""
     from .engine import init_ray
-    from .stages import qpo_pairs, questions, responses, seed_problems
+    from .stages import (dedup, difficulty, difficulty_labels, language, qpo_pairs, questions, responses, reward,
+                         seed_problems, selection, solvability)
 
     cfg = cfg.model_copy(deep=True)  # model paths get resolved below; the caller's config stays as written
-    builders = {"seed_problems": seed_problems.build, "qpo_pairs": qpo_pairs.build, "questions": questions.build,
-                "responses": responses.build}
+    modules = {"seed_problems": seed_problems, "qpo_pairs": qpo_pairs, "questions": questions, "language": language,
+               "dedup": dedup, "solvability": solvability, "difficulty_labels": difficulty_labels,
+               "difficulty": difficulty, "responses": responses, "reward": reward, "selection": selection}
     storage = Storage(cfg.root, cfg.storage.endpoint_url)
     selected = stages or cfg.pipeline
     for stage in selected:
+        if stage not in type(cfg.stages).model_fields:
+            raise ConfigError(f"unknown stage '{stage}' (stages: {', '.join(type(cfg.stages).model_fields)})")
         if getattr(cfg.stages, stage) is None:
             raise ConfigError(f"stages.{stage} is not configured")
     init_ray(cfg)
     # Cheap checks of the user's input file happen before any engine starts.
-    if "responses" in selected and cfg.stages.responses.input:
-        read_input(cfg.stages.responses.input, cfg.storage.endpoint_url, required_column="query")
+    for stage in selected:
+        given = getattr(getattr(cfg.stages, stage), "input", None)
+        if given and stage in CHAIN:
+            read_input(given, cfg.storage.endpoint_url, required_column="query")
     declared = {name: m.path for name, m in cfg.models.items()}
     results = []
     for stage in selected:
         trained = _resolve_stage_models(cfg, storage, stage, declared)
-        if stage in ("qft", "qpo"):
-            from .train import qft, qpo
+        if stage in TRAINING_STAGES:
+            from .train import qft, qpo, scorer
 
-            recipe = {"qft": qft, "qpo": qpo}[stage]
+            recipe = {"qft": qft, "qpo": qpo, "difficulty_scorer": scorer}[stage]
             results.append(recipe.run(cfg, storage, force=force, echo=echo, depends_on="|".join(trained)))
             continue
+        module = modules[stage]
         upstream = "|".join(filter(None, [_upstream(cfg, storage, stage), *trained])) or None
-        result = run_stage(cfg, storage, stage, lambda s=stage: builders[s](cfg, storage),
-                           upstream=upstream, force=force)
+        finish = getattr(module, "finish", None)
+        result = run_stage(cfg, storage, stage, lambda m=module: m.build(cfg, storage), upstream=upstream, force=force,
+                           tokens_column=getattr(module, "TOKENS_COLUMN", "num_output_tokens"),
+                           finish=(lambda f=finish: f(cfg, storage)) if finish else None,
+                           rows_in=_rows_in(cfg, storage, stage))
         echo(result.summary())
         results.append(result)
+    rows = funnel(cfg, storage, cfg.pipeline)
+    if any(r["stage"] in selected for r in rows):
+        storage.write_json(storage.path("funnel.json"), {"stages": rows})
+        echo(format_funnel(rows))
     return results

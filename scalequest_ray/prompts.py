@@ -44,3 +44,16 @@ OPTIMIZER_DIFFICULTY = (
 )
 
 OPTIMIZER_PROMPTS = {"solvability": OPTIMIZER_SOLVABILITY, "difficulty": OPTIMIZER_DIFFICULTY}
+
+# --- Solvability filter (ScaleQuest stage 3): the solver, greedy, judges each question. The
+# verdict is read from the fixed last line only (text.parse_verdict), never "yes anywhere".
+VERDICT_MARKER = "Verdict:"
+SOLVABILITY_INSTRUCTION = (
+    "Decide whether the following text is a math problem that can be solved using only the "
+    "information it gives.\n\n"
+    "Text:\n{query}\n\n"
+    "Think about it briefly: is it a math problem? Are all the quantities and conditions needed "
+    "to reach one answer stated, and do they make sense together? "
+    "Then end your reply with a last line that is exactly '" + VERDICT_MARKER + " Yes' or '"
+    + VERDICT_MARKER + " No'."
+)

@@ -45,11 +45,12 @@ def _rows(table: pa.Table, excluded: bool) -> pa.Table:
     return out if excluded else out.drop_columns([REASON])
 
 
-def _block_stats(table: pa.Table) -> pa.Table:
+def _block_stats(table: pa.Table, tokens_column: Optional[str]) -> pa.Table:
     """Per-block (reason, rows, tokens): a few rows per block, summed on the driver."""
+    tokens = table[tokens_column].cast(pa.int64()) if tokens_column else pa.array([0] * table.num_rows, pa.int64())
     grouped = pa.table({
         "reason": pc.fill_null(table[REASON], "kept"),
-        "tokens": pc.fill_null(table[TOKENS].cast(pa.int64()), 0),
+        "tokens": pc.fill_null(tokens, 0),
     }).group_by("reason").aggregate([("tokens", "count"), ("tokens", "sum")])
     return pa.table({"reason": grouped["reason"], "rows": grouped["tokens_count"], "tokens": grouped["tokens_sum"]})
 
@@ -61,8 +62,13 @@ def run_stage(
     build: Callable[[], "object"],
     upstream: Optional[str] = None,
     force: bool = False,
+    tokens_column: Optional[str] = TOKENS,
+    finish: Optional[Callable[[], dict]] = None,
+    rows_in: Optional[int] = None,
 ) -> StageResult:
-    """`build()` returns a Ray Dataset with REASON (null = kept) and TOKENS columns."""
+    """`build()` returns a Ray Dataset with a REASON column (null = kept). `tokens_column`: the
+    column with the tokens THIS stage generated (None for stages that generate nothing).
+    `finish()` runs after data/ is written and before the manifest; its dict joins the manifest."""
     import ray
 
     fingerprint = cfg.stage_fingerprint(stage, upstream)
@@ -87,10 +93,12 @@ def run_stage(
     by_reason: dict[str, int] = {}
     tokens = 0
     # One small row per (block, reason): driver memory grows with the number of blocks, not rows.
-    for row in staged.map_batches(_block_stats, batch_format="pyarrow").iter_rows():
+    for row in staged.map_batches(_block_stats, fn_kwargs={"tokens_column": tokens_column},
+                                  batch_format="pyarrow").iter_rows():
         by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + int(row["rows"])
         tokens += int(row["tokens"] or 0)
     storage.delete_dir(staging)
+    extra = finish() if finish else {}
     manifest = storage.commit_stage(
         stage,
         fingerprint,
@@ -100,7 +108,9 @@ def run_stage(
             "upstream": upstream,
             "excluded_by_reason": {k: v for k, v in by_reason.items() if k != "kept"},
             "output_tokens": tokens,
+            "rows_in": rows_in,
             "config": getattr(cfg.stages, stage).model_dump(mode="json"),
+            **extra,
         },
     )
     return StageResult(stage, manifest, skipped=False)

@@ -149,7 +149,7 @@ class Storage:
         return posixpath.relpath(path, self.base)
 
 
-def read_input(uri: str, endpoint: Optional[str] = None, required_column: Optional[str] = None):
+def read_input(uri: str, endpoint: Optional[str] = None, required_column=None):
     """A Ray Dataset over a Parquet/JSONL file or folder (local or s3://), validated cheaply:
     raises InputError (one line) for a missing, empty or unreadable input or a missing column."""
     import ray
@@ -176,6 +176,7 @@ def read_input(uri: str, endpoint: Optional[str] = None, required_column: Option
         columns = ds.schema().names
     except Exception as e:  # unreadable file: say which, in one line
         raise InputError(f"cannot read input {uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if required_column and required_column not in columns:
-        raise InputError(f"input {uri} has no '{required_column}' column (columns: {', '.join(columns)})")
+    for column in [required_column] if isinstance(required_column, str) else (required_column or []):
+        if column not in columns:
+            raise InputError(f"input {uri} has no '{column}' column (columns: {', '.join(columns)})")
     return ds

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scalequest_ray.models import build_tiny_model, cache_dir, fetch_demo_model
+from scalequest_ray.models import build_scorer_model, build_tiny_model, cache_dir, fetch_demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 # A distinctive secret: tests assert it never shows up in outputs or logs.
@@ -24,6 +24,12 @@ def demo_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(demo_model) -> Path:
     return build_tiny_model(cache_dir() / "models" / "tiny-llama-test", tokenizer_from=demo_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_model) -> Path:
+    """A tiny random one-output sequence-classification model (the test reward model)."""
+    return build_scorer_model(cache_dir() / "models" / "tiny-llama-reward-test", tiny_model)
 
 
 def _free_port() -> int:
@@ -98,4 +104,59 @@ def tiny_config(model: Path, root: str, **over) -> dict:
         for p in parents:
             node = node[p]
         node[last] = value
+    return cfg
+
+
+# Hand-made questions for the filtering chain: kept ones, and ones each filter must drop.
+CHAIN_QUESTIONS = [
+    ("k1", "A farmer has 12 cows and buys 5 more. How many cows does the farmer have now?"),
+    ("k2", "What is the area of a circle with radius 3 cm, in terms of \u03c0?"),
+    ("k3", "A train travels at 60 km per hour for 2.5 hours. How far does it go?"),
+    ("k4", "The angle between two lines is 35\u00b0. What is its supplement, in degrees?"),
+    ("k5", "Solve for x: 3x + 7 = 22. What is the value of x?"),
+    ("k6", "Tom\u2019s garden has 8 rows of 14 tomato plants. How many plants are there in total?"),
+    ("k7", "If a rectangle has a perimeter of 30 and a width of 6, what is its length?"),
+    ("k8", "How many positive divisors does 360 have?"),
+    ("x-dup", "A farmer has 12 cows and buys 5 more.  How many cows does the farmer have now ?"),
+    ("x-near", "A farmer has 40 cows and buys 9 more. How many cows does the farmer have now?"),
+    ("de", "Wie viele \u00c4pfel hat Anna, wenn sie 3 \u00c4pfel kauft und 2 davon isst?"),
+    ("zh", "\u5c0f\u660e\u6709\u4e09\u4e2a\u82f9\u679c\uff0c\u4ed6\u53c8\u4e70\u4e86\u4e24\u4e2a\uff0c\u73b0\u5728\u4ed6\u6709\u51e0\u4e2a\u82f9\u679c\uff1f"),
+    ("code", "def area(r):\n    return 3.14 * r * r\nprint(area(2))"),
+    ("empty", "   "),
+    ("bench", "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?"),
+]
+
+
+def write_chain_inputs(folder: Path) -> tuple[Path, Path]:
+    """(questions.parquet, benchmark.parquet) for the filtering chain."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    questions = folder / "questions.parquet"
+    pd.DataFrame([{"query_id": i, "query": q, "generator": "hand"} for i, q in CHAIN_QUESTIONS]).to_parquet(questions)
+    bench = folder / "benchmark.parquet"
+    pd.DataFrame({"question": [CHAIN_QUESTIONS[-1][1], "An unrelated benchmark question about 7 apples?"]}).to_parquet(bench)
+    return questions, bench
+
+
+def full_config(model: Path, reward: Path, root: str, questions: str, bench: str) -> dict:
+    """The whole pipeline on the tiny models, from a file of hand-made questions."""
+    cfg = tiny_config(model, root)
+    cfg["models"]["reward"] = {"path": str(reward), "engine": {"dtype": "float32"}, "scale": {"batch_size": 4}}
+    cfg["models"]["scorer"] = {"path": "stage:difficulty_scorer", "engine": {"dtype": "float32"}, "scale": {"batch_size": 4}}
+    cfg["stages"].update({
+        "language": {"input": questions},
+        "dedup": {"decontaminate": [{"name": "gsm8k_test", "path": bench}]},
+        # A random model writes no verdict line: keep those rows so that rows reach the end.
+        "solvability": {"model": "tiny", "sampling": {"temperature": 0.0, "max_tokens": 16}, "on_unparseable": "keep"},
+        "difficulty_labels": {"model": "tiny", "k": 2, "max_problems": 12, "sampling": {"max_tokens": 16}},
+        "difficulty_scorer": {"model": "tiny", "workers": 2, "batch_size": 4, "per_device_batch_size": 2,
+                              "epochs": 1, "max_length": 64, "save_steps": 2, "holdout": 0.25},
+        "difficulty": {"model": "scorer", "drop_easiest": 0.25},
+        "reward": {"model": "reward", "max_length": 256},
+        "selection": {"min_reward": -1.0e9},
+    })
+    cfg["pipeline"] = ["language", "dedup", "solvability", "difficulty_labels", "difficulty_scorer", "difficulty",
+                       "responses", "reward", "selection"]
     return cfg

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_config_end_to_end(demo_model, ray_cluster, tmp_path):
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"root={tmp_path / 'demo'}",
+        "pipeline=[questions, responses]",
         "stages.questions.generators.0.num_questions=8",
         "stages.questions.sampling.max_tokens=160",
         "stages.responses.n=2",

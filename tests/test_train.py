@@ -68,7 +68,9 @@ def test_qft_rows_and_completion_only_masking(tiny_model, tmp_path):
 
 @pytest.mark.integration
 def test_qft_trains_exports_and_feeds_generation(tiny_model, ray_cluster, tmp_path):
-    cfg = load_config(_cfg(tmp_path, tiny_model))
+    """With DeepSpeed ZeRO-3 over gloo (the GPU config's setting, here on CPU workers): the
+    sharded weights are gathered for the export."""
+    cfg = load_config(_cfg(tmp_path, tiny_model, deepspeed="zero3"))
     results = pipeline.run(cfg)
     manifest = results[1]
     m = manifest["metrics"]
@@ -95,7 +97,7 @@ def test_qft_trains_exports_and_feeds_generation(tiny_model, ray_cluster, tmp_pa
     assert "qft:" in q["upstream"]
 
     # Everything finished: a rerun skips all three stages.
-    again = pipeline.run(load_config(_cfg(tmp_path, tiny_model)))
+    again = pipeline.run(load_config(_cfg(tmp_path, tiny_model, deepspeed="zero3")))
     assert again[1]["finished_at"] == manifest["finished_at"] and again[2].skipped
 
 
@@ -176,3 +178,19 @@ def test_qft_smollm2_two_workers_peak_memory(demo_model, ray_cluster, tmp_path):
           f"{peak[0] / 2**30:.2f} GiB; loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}")
     assert metrics["steps"] == 4 and peak[0] > 2**30  # the sampler saw the workers
     assert peak[0] < 12 * 10**9
+
+
+@pytest.mark.integration
+def test_qpo_pairs_file_without_pair_columns_fails_before_training(tiny_model, ray_cluster, tmp_path):
+    from scalequest_ray.train import qpo
+
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "What is 2+2?"}\n')
+    path = _cfg(tmp_path, tiny_model)
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"]["qpo"] = {"model": "tiny", "input": str(bad), "batch_size": 8, "per_device_batch_size": 4}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    with pytest.raises(InputError, match=f"input {bad} has no 'rejected' column"):
+        qpo.run(cfg, Storage(cfg.root))
+    assert not (tmp_path / "root" / "qpo").exists()

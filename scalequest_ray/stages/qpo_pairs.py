@@ -23,13 +23,12 @@ import pandas as pd
 import pyarrow as pa
 
 from ..config import RunConfig
-from ..engine import build_llm, engine_result, keep_all
+from ..engine import build_llm, chat_sampling, engine_result, keep_all
 from ..generation import generate_questions
-from ..models import load_tokenizer
 from ..prompts import OPTIMIZER_PROMPTS, REWRITE_MARKER
 from ..runner import REASON, TOKENS
 from ..storage import InputError, Storage
-from ..text import choose_direction, parse_rewrite, stop_criteria, turn_template
+from ..text import choose_direction, parse_rewrite
 
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
@@ -98,12 +97,7 @@ def _finish_vllm(batch: pd.DataFrame, prefix: str, optimizer: str, sampling: dic
 def _vllm_rewrites(cfg: RunConfig, questions, prefix: str):
     pcfg = cfg.stages.qpo_pairs
     model = cfg.models[pcfg.optimizer_model]
-    tokenizer = load_tokenizer(model.path, cfg.storage.endpoint_url)
-    turn = turn_template(tokenizer)
-    stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
-    s = pcfg.optimizer_sampling
-    sampling = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
-                "stop_token_ids": stops, "stop": stop_strings}
+    turn, stops, sampling = chat_sampling(model, pcfg.optimizer_sampling, cfg.storage.endpoint_url)
     processor = build_llm(model, _OptimizerPrompt(turn.prefix, turn.suffix, sampling), keep_all, cfg.storage.endpoint_url)
     return processor(questions).map_batches(
         _finish_vllm, batch_format="pandas",

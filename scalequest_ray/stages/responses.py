@@ -15,12 +15,12 @@ import json
 import pandas as pd
 import pyarrow as pa
 
+from ..chain import stage_input
 from ..config import RunConfig
-from ..engine import GENERATION_FIELDS, build_llm, engine_result, keep_all
-from ..models import load_tokenizer
+from ..engine import GENERATION_FIELDS, build_llm, chat_sampling, engine_result, keep_all
 from ..runner import REASON, TOKENS
 from ..storage import InputError, Storage, read_input
-from ..text import derive_seed, extract_answer, solver_user_text, stop_criteria, turn_template
+from ..text import derive_seed, extract_answer, solver_user_text
 
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
@@ -97,29 +97,15 @@ def finalize(batch: pd.DataFrame, solver: str, sampling: dict, stop_ids: list, m
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def input_uri(cfg: RunConfig, storage: Storage) -> str:
-    return cfg.stages.responses.input or storage.uri("questions", "data")
-
-
 def build(cfg: RunConfig, storage: Storage):
     rcfg = cfg.stages.responses
     model = cfg.models[rcfg.model]
-    if rcfg.input is None:
-        upstream = storage.manifest("questions")
-        if upstream is None:
-            raise InputError("the questions stage has not finished in this run root; run it first or set stages.responses.input")
-        if upstream["rows"] == 0:
-            raise InputError(f"the questions stage kept no rows ({upstream['excluded_rows']} excluded: "
-                             f"{upstream['excluded_by_reason']}); nothing to answer")
-    source = read_input(input_uri(cfg, storage), cfg.storage.endpoint_url, required_column="query")
+    uri, _ = stage_input(cfg, storage, "responses")
+    source = read_input(uri, cfg.storage.endpoint_url, required_column="query")
     if source.count() == 0:
-        raise InputError(f"input {input_uri(cfg, storage)} has no rows")
+        raise InputError(f"input {uri} has no rows")
 
-    tokenizer = load_tokenizer(model.path, cfg.storage.endpoint_url)
-    turn = turn_template(tokenizer)
-    stops, stop_strings = stop_criteria(tokenizer, turn.end_of_turn)
-    sampling = {"temperature": rcfg.sampling.temperature, "top_p": rcfg.sampling.top_p,
-                "max_tokens": rcfg.sampling.max_tokens, "stop_token_ids": stops, "stop": stop_strings}
+    turn, stops, sampling = chat_sampling(model, rcfg.sampling, cfg.storage.endpoint_url)
 
     normalized = source.map_batches(normalize, batch_format="pandas", fn_kwargs={"max_query_chars": rcfg.max_query_chars})
     rejected = normalized.map_batches(_excluded_inputs, batch_format="pandas", fn_kwargs={"solver": model.path})

@@ -52,26 +52,38 @@ def champ_problems() -> list[dict]:
 
     path = Path(champ_dataset.__file__).parent / "dataset_files" / "v0.json"
     problems = json.loads(path.read_text())["problems"]
-    return [{"question": p["_text"]} for p in problems.values()]
+    return [{"question": p["_text"], "answer": p.get("_answer")} for p in problems.values()]
 
 
 def _source_dataset(src: SeedSource, endpoint):
     import ray
 
+    wanted = [src.question_column] + ([src.answer_column] if src.answer_column else [])
     if src.builtin == "champ":
-        return ray.data.from_items(champ_problems()), "champ-dataset:v0", "question"
+        if not set(wanted) <= {"question", "answer"}:
+            _missing(src, "champ-dataset:v0", ["question", "answer"])
+        return ray.data.from_items([{c: p[c] for c in wanted} for p in champ_problems()]), "champ-dataset:v0", src.question_column
     if src.hub:
         import datasets
 
         hf = datasets.load_dataset(src.hub, src.subset, split=src.split)
-        if src.question_column not in hf.column_names:
-            from ..storage import InputError
-
-            raise InputError(f"hub dataset {src.hub} has no '{src.question_column}' column "
-                             f"(columns: {', '.join(hf.column_names)})")
-        return ray.data.from_huggingface(hf.select_columns([src.question_column])), \
+        missing = [c for c in wanted if c not in hf.column_names]
+        if missing:
+            _missing(src, f"hub dataset {src.hub}", hf.column_names)
+        return ray.data.from_huggingface(hf.select_columns(wanted)), \
             f"hub:{src.hub}:{src.subset or ''}:{src.split}", src.question_column
-    return read_input(src.path, endpoint, required_column=src.question_column), f"file:{src.path}", src.question_column
+    ds = read_input(src.path, endpoint, required_column=src.question_column)
+    if src.answer_column and src.answer_column not in ds.schema().names:
+        _missing(src, f"input {src.path}", ds.schema().names)
+    return ds, f"file:{src.path}", src.question_column
+
+
+def _missing(src: SeedSource, what: str, columns) -> None:
+    from ..storage import InputError
+
+    wanted = [src.question_column] + ([src.answer_column] if src.answer_column else [])
+    gone = [c for c in wanted if c not in columns]
+    raise InputError(f"{what} has no '{gone[0]}' column (columns: {', '.join(columns)})")
 
 
 def _prepare(batch: pd.DataFrame, column: str, source: str, max_chars: int) -> pd.DataFrame:

@@ -115,7 +115,7 @@ def read_columns(uri: str, endpoint: Optional[str], columns: list[str], limit: O
     return table.to_pydict()
 
 
-def worker_setup(c: dict):
+def worker_setup(c: dict, head: str = "causal"):
     """Per-worker set-up shared by the recipes: threads, DeepSpeed's process group, the model
     and its tokenizer. Returns (model, tokenizer)."""
     import torch
@@ -132,6 +132,16 @@ def worker_setup(c: dict):
     model_path = local_model(c["model_path"], c["endpoint"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c["precision"], torch.float32)
+    if head == "regression":
+        from transformers import AutoModelForSequenceClassification
+
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, dtype=dtype, num_labels=1, problem_type="regression")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), tokenizer
 
 
@@ -163,7 +173,7 @@ def common_args(c: dict, output_dir: str) -> dict:
     )
 
 
-def train_and_export(trainer_cls, c: dict, model, tokenizer, dataset, args, **trainer_kwargs) -> None:
+def train_and_export(trainer_cls, c: dict, model, tokenizer, dataset, args, evaluate=None, **trainer_kwargs) -> None:
     """Build the TRL trainer with Ray's report callback, resume if Ray has a checkpoint, train,
     export the model and (rank 0) write the final metrics."""
     import ray.train
@@ -196,6 +206,7 @@ def train_and_export(trainer_cls, c: dict, model, tokenizer, dataset, args, **tr
             "losses": losses,
             "examples": len(dataset),
             **{k: v for k, v in extra.items() if v},
+            **(evaluate(trainer) if evaluate else {}),
         })
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import RunConfig
-from ..storage import InputError, Storage
+from ..storage import InputError, Storage, read_input
 from ..text import turn_template
 from .common import common_args, read_columns, run_training, train_and_export, worker_setup
 
@@ -42,6 +42,8 @@ def run(cfg: RunConfig, storage: Storage, force: bool = False, fault: Optional[d
     tcfg = cfg.stages.qpo
     if tcfg.input:
         data_uri, upstream = tcfg.input, "input:" + tcfg.input
+        # A bad pairs file fails here in one line, not inside the training workers.
+        read_input(data_uri, cfg.storage.endpoint_url, required_column=["prompt", "chosen", "rejected"])
     else:
         pairs = storage.manifest("qpo_pairs")
         if pairs is None:

@@ -1,0 +1,99 @@
+"""Selection (ScaleQuest stage 6, and what the reference lacks: answer agreement): per question,
+the candidates' final answers are clustered by equivalence (math-verify), the majority answer and
+its share recorded, and the best candidate by reward chosen, optionally only among those that
+agree with the majority and above a minimum reward. Output: one row per question (the final
+dataset) as Parquet, plus a JSONL export that `datasets` loads."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+from ..chain import stage_input
+from ..config import RunConfig
+from ..filters import majority
+from ..runner import REASON
+from ..storage import Storage, read_input
+
+TOKENS_COLUMN = None
+SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("query", pa.string()),
+    ("response", pa.string()),
+    ("answer", pa.string()),
+    ("reward", pa.float64()),
+    ("majority_answer", pa.string()),
+    ("agreement", pa.float64()),
+    ("agrees_with_majority", pa.bool_()),
+    ("num_candidates", pa.int64()),
+    ("sample_idx", pa.int64()),
+    ("solver_model", pa.string()),
+    ("reward_model", pa.string()),
+    ("seed", pa.int64()),
+    ("sampling", pa.string()),
+    (REASON, pa.string()),
+])
+
+
+def select(group: pd.DataFrame, require_majority: bool, min_reward, min_agreement: float) -> pa.Table:
+    """One question's candidates -> one row: the chosen candidate, or a reason none qualified."""
+    group = group.sort_values("sample_idx", kind="stable") if "sample_idx" in group else group
+    answers = [a if isinstance(a, str) else None for a in group["answer"]]
+    major, share, agrees = majority(answers)
+    rewards = [float(r) for r in group["reward"]]
+    candidates = [i for i in range(len(group)) if not require_majority or agrees[i]]
+    reason = None
+    if require_majority and major is None:
+        reason = "no_answer"
+    elif share < min_agreement:
+        reason = "low_agreement"
+    elif min_reward is not None:
+        candidates = [i for i in candidates if rewards[i] >= min_reward]
+        if not candidates:
+            reason = "below_min_reward"
+    best = max(candidates, key=lambda i: (rewards[i], -i)) if candidates and reason is None else \
+        max(range(len(group)), key=lambda i: (rewards[i], -i))
+    row = group.iloc[best]
+
+    def get(col, cast=str):
+        v = row.get(col) if col in group else None
+        return None if v is None or (isinstance(v, float) and v != v) else cast(v)
+
+    return pa.Table.from_pylist([{
+        "query_id": get("query_id"), "query": get("query"), "response": get("response"), "answer": get("answer"),
+        "reward": rewards[best], "majority_answer": major, "agreement": share, "agrees_with_majority": agrees[best],
+        "num_candidates": len(group), "sample_idx": get("sample_idx", int), "solver_model": get("solver_model"),
+        "reward_model": get("reward_model"), "seed": get("seed", int), "sampling": get("sampling"), REASON: reason,
+    }], schema=SCHEMA)
+
+
+def build(cfg: RunConfig, storage: Storage):
+    import ray
+
+    scfg = cfg.stages.selection
+    uri, _ = stage_input(cfg, storage, "selection")
+    source = read_input(uri, cfg.storage.endpoint_url, required_column=["query_id", "query", "response", "reward"])
+    if "answer" not in source.schema().names:
+        source = source.add_column("answer", lambda df: pd.Series([None] * len(df), dtype=object))
+    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    return source.groupby("query_id", num_partitions=partitions).map_groups(
+        select, batch_format="pandas",
+        fn_kwargs=dict(require_majority=scfg.require_majority, min_reward=scfg.min_reward,
+                       min_agreement=scfg.min_agreement))
+
+
+def finish(cfg: RunConfig, storage: Storage) -> dict:
+    """The final dataset as JSONL too (Ray Data's writer, one file per block, no driver copy)."""
+    import ray
+
+    if not cfg.stages.selection.jsonl:
+        return {}
+    out = storage.path("selection", "jsonl")
+    ray.data.read_parquet(storage.path("selection", "data"), filesystem=storage.fs).write_json(out, filesystem=storage.fs)
+    return {"jsonl_files": sorted(storage._rel(i.path) for i in _files(storage, out))}
+
+
+def _files(storage: Storage, path: str):
+    import pyarrow.fs as pafs
+
+    return [i for i in storage.fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]

@@ -1,0 +1,110 @@
+"""Solvability filter (ScaleQuest stage 3): the solver model, greedy, judges whether each question
+is a math problem that can be solved from its own conditions. The verdict is read strictly from
+the reply's last line (`Verdict: Yes|No`, filters.parse_verdict), not from "yes" anywhere in the
+text; replies without one are `verdict_unparseable` (dropped by default, `on_unparseable: keep`)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+from ..chain import stage_input, with_ids
+from ..config import RunConfig
+from ..engine import build_llm, chat_sampling, engine_result, keep_all
+from ..filters import parse_verdict
+from ..runner import REASON
+from ..storage import Storage, read_input
+
+TOKENS_COLUMN = "judge_output_tokens"
+NEW_FIELDS = [("solvable", pa.bool_()), ("judgement", pa.string()), (TOKENS_COLUMN, pa.int64()),
+              ("judge_model", pa.string()), (REASON, pa.string())]
+
+
+def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    names = {n for n, _ in NEW_FIELDS}
+    base = [f for f in input_schema if f.name not in names]
+    if "query_id" not in input_schema.names:
+        base.append(pa.field("query_id", pa.string()))
+    return pa.schema(base + [pa.field(n, t) for n, t in NEW_FIELDS])
+
+
+def _prepare(table: pa.Table, max_query_chars: int) -> pa.Table:
+    from ..chain import set_columns
+
+    table = with_ids(table)
+    reasons = ["empty_query" if not (q or "").strip() else "query_too_long" if len(q) > max_query_chars else None
+               for q in table["query"].to_pylist()]
+    return set_columns(table, {REASON: pa.array(reasons, pa.string())})
+
+
+class _Prompt:
+    def __init__(self, turn, instruction: str, sampling: dict):
+        self.turn, self.instruction, self.sampling = turn, instruction, sampling
+
+    def __call__(self, row: dict) -> dict:
+        return {"prompt": self.turn.wrap(self.instruction.replace("{query}", row["query"])),
+                "sampling_params": dict(self.sampling)}
+
+
+def _judged(batch: pd.DataFrame, schema: pa.Schema, judge: str, max_tokens: int, max_model_len: int,
+            stop_ids: list, on_unparseable: str) -> pa.Table:
+    rows = []
+    for r in batch.to_dict("records"):
+        out = engine_result(r, max_tokens, max_model_len, stop_ids)
+        verdict = None if out["error"] else parse_verdict(out["text"])
+        reason = ("engine_error" if out["error"] else "unsolvable" if verdict is False
+                  else ("verdict_unparseable" if on_unparseable == "drop" else None) if verdict is None else None)
+        rows.append({**{k: r.get(k) for k in schema.names}, "solvable": verdict,
+                     "judgement": out["error"] or out["text"], TOKENS_COLUMN: out["num_output_tokens"],
+                     "judge_model": judge, REASON: reason})
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _excluded(table: pa.Table, schema: pa.Schema, judge: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    bad = table.filter(pc.is_valid(table[REASON])).to_pylist()
+    return pa.Table.from_pylist([{**r, TOKENS_COLUMN: 0, "judge_model": judge} for r in bad], schema=schema)
+
+
+def build(cfg: RunConfig, storage: Storage):
+    import pyarrow.compute as pc
+
+    scfg = cfg.stages.solvability
+    model = cfg.models[scfg.model]
+    uri, _ = stage_input(cfg, storage, "solvability")
+    source = read_input(uri, cfg.storage.endpoint_url, required_column="query")
+    schema = output_schema(source.schema().base_schema)
+    turn, stops, sampling = chat_sampling(model, scfg.sampling, cfg.storage.endpoint_url)
+    prepared = source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"max_query_chars": scfg.max_query_chars})
+    requests = prepared.map_batches(lambda t: t.filter(pc.is_null(t[REASON])).drop_columns([REASON]), batch_format="pyarrow")
+    rejected = prepared.map_batches(_excluded, batch_format="pyarrow", fn_kwargs={"schema": schema, "judge": model.path})
+    processor = build_llm(model, _Prompt(turn, scfg.instruction, sampling), keep_all, cfg.storage.endpoint_url)
+    judged = processor(requests).map_batches(
+        _judged, batch_format="pandas",
+        fn_kwargs=dict(schema=schema, judge=model.path, max_tokens=scfg.sampling.max_tokens,
+                       max_model_len=model.engine.max_model_len, stop_ids=stops, on_unparseable=scfg.on_unparseable))
+    return judged.union(rejected)
+
+
+def _verdict_counts(table: pa.Table) -> pa.Table:
+    values = table["solvable"].to_pylist()
+    return pa.table({"yes": [values.count(True)], "no": [values.count(False)], "none": [values.count(None)]})
+
+
+def finish(cfg: RunConfig, storage: Storage) -> dict:
+    """How the judge answered, over kept AND dropped rows: with `on_unparseable: keep` the
+    replies without a verdict are kept, and this is where their number shows."""
+    import ray
+
+    counts = {"yes": 0, "no": 0, "unparseable": 0}
+    for sub in ("data", "exclusions"):
+        if not storage.parquet_files(storage.path("solvability", sub)):
+            continue
+        ds = ray.data.read_parquet(storage.path("solvability", sub), filesystem=storage.fs, columns=["solvable", REASON]
+                                   if sub == "exclusions" else ["solvable"])
+        for row in ds.map_batches(_verdict_counts, batch_format="pyarrow").iter_rows():
+            counts["yes"] += row["yes"]
+            counts["no"] += row["no"]
+            counts["unparseable"] += row["none"]
+    return {"verdicts": counts}

@@ -1,0 +1,152 @@
+"""The whole ScaleQuest pipeline on the tiny models through real Ray Data, vLLM and Ray Train:
+filters, dedup, solvability, difficulty labels -> scorer -> scoring, responses, reward,
+selection; the funnel; re-runs skip; a deleted manifest re-runs that stage and those after it.
+
+The run root AND the inputs are on the moto S3 server (127.0.0.1): the full run against S3 is
+the storage test, and local storage is covered by the other integration and e2e tests."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import CHAIN_QUESTIONS, full_config, write_chain_inputs
+from scalequest_ray import pipeline
+from scalequest_ray.config import load_config
+from scalequest_ray.storage import Storage, storage_options
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+STAGES = ["language", "dedup", "solvability", "difficulty_labels", "difficulty_scorer", "difficulty", "responses",
+          "reward", "selection"]
+
+
+class Root:
+    """Reads a run root on S3 with pyarrow (no local copy)."""
+
+    def __init__(self, uri: str, endpoint: str):
+        self.storage = Storage(uri, endpoint)
+
+    def manifest(self, stage: str) -> dict:
+        return self.storage.manifest(stage)
+
+    def read(self, stage: str, sub: str = "data") -> pd.DataFrame:
+        files = self.storage.parquet_files(self.storage.path(stage, sub))
+        if not files:
+            return pd.DataFrame({"query_id": [], "exclude_reason": []})
+        return pa.concat_tables([pq.read_table(f, filesystem=self.storage.fs) for f in files]).to_pandas()
+
+    def excluded(self, stage: str) -> dict:
+        df = self.read(stage, "exclusions")
+        return dict(zip(df["query_id"], df["exclude_reason"]))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model, tiny_reward, ray_cluster, s3_server):
+    import boto3
+
+    work = tmp_path_factory.mktemp("full")
+    questions, bench = write_chain_inputs(work / "inputs")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="sq-full")
+    for f in (questions, bench):
+        s3.upload_file(str(f), "sq-full", f"inputs/{f.name}")
+    cfg = full_config(tiny_model, tiny_reward, "s3://sq-full/run", f"s3://sq-full/inputs/{questions.name}",
+                      f"s3://sq-full/inputs/{bench.name}")
+    cfg["storage"]["endpoint_url"] = s3_server
+    path = work / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    lines: list[str] = []
+    results = pipeline.run(load_config(path), echo=lines.append)
+    return path, Root("s3://sq-full/run", s3_server), results, lines
+
+
+def test_filters_drop_with_reasons(full_run):
+    _, root, _, _ = full_run
+    lang = root.excluded("language")
+    assert lang == {"de": "language_de", "zh": "language_zh", "code": "code", "empty": "empty"}
+    kept = set(root.read("language")["query_id"])
+    assert {"k1", "k2", "k4", "k6"} <= kept  # pi, degree sign, curly quote: kept
+    dedup = root.excluded("dedup")
+    assert dedup == {"x-dup": "duplicate", "x-near": "near_duplicate", "bench": "contaminated:gsm8k_test"}
+    data = root.read("dedup")
+    assert sorted(data["query_id"]) == sorted(i for i, _ in CHAIN_QUESTIONS if i.startswith("k"))
+    m = root.manifest("dedup")
+    assert m["rows_in"] == len(kept) and m["excluded_by_reason"] == {
+        "duplicate": 1, "near_duplicate": 1, "contaminated:gsm8k_test": 1}
+
+
+def test_solvability_and_difficulty(full_run):
+    _, root, _, _ = full_run
+    judged = pd.concat([root.read("solvability", d) for d in ("data", "exclusions")])
+    judged = judged[judged["query_id"].notna()]
+    assert len(judged) == 8 and judged["judgement"].notna().all()
+    assert judged["judge_output_tokens"].sum() == root.manifest("solvability")["output_tokens"] > 0
+    verdicts = root.manifest("solvability")["verdicts"]
+    assert sum(verdicts.values()) == 8
+    assert verdicts["unparseable"] == int(judged["solvable"].isna().sum())
+    labels = root.read("difficulty_labels")
+    assert len(labels) == 12 and (labels["k"] == 2).all()
+    assert labels["fail_rate"].between(0, 1).all() and labels["reference_answer"].notna().all()
+    scorer = root.manifest("difficulty_scorer")
+    assert root.storage.exists(root.storage.path("difficulty_scorer", "model", "model.safetensors"))
+    assert scorer["model"] == "s3://sq-full/run/difficulty_scorer/model"
+    assert scorer["metrics"]["holdout"] >= 1
+    diff = root.manifest("difficulty")
+    assert diff["rows_in"] == root.manifest("solvability")["rows"]
+    assert diff["excluded_by_reason"].get("too_easy", 0) >= 1  # drop_easiest 0.25
+    scored = root.read("difficulty")
+    dropped = root.read("difficulty", "exclusions")
+    assert scored["difficulty"].min() >= dropped["difficulty"].max()
+
+
+def test_selection_final_dataset_and_funnel(full_run, tmp_path):
+    _, root, _, lines = full_run
+    responses = root.read("responses")
+    rewards = root.read("reward")
+    no_response = root.read("reward", "exclusions")
+    assert len(rewards) + len(no_response) == len(responses) and rewards["reward"].notna().all()
+    assert set(no_response["exclude_reason"]) <= {"no_response"}
+    final = root.read("selection")
+    questions = set(root.read("difficulty")["query_id"])
+    # every question is in the final set, unless all its candidates were dropped (with a reason)
+    no_candidate = questions - set(rewards["query_id"])
+    assert set(final["query_id"]) == questions - no_candidate
+    if no_candidate:
+        assert set(no_response["query_id"]) >= no_candidate
+    # best-of-n: the chosen candidate has the highest reward of its question
+    best = rewards.groupby("query_id")["reward"].max()
+    assert (final.set_index("query_id")["reward"] == best.loc[final["query_id"]].values).all()
+    assert {"query", "response", "answer", "reward", "majority_answer", "agreement", "solver_model"} <= set(final.columns)
+    import datasets
+
+    manifest = root.manifest("selection")
+    assert manifest["jsonl_files"]
+    ds = datasets.load_dataset("json", data_files=[f"s3://sq-full/run/{f}" for f in manifest["jsonl_files"]],
+                               storage_options=storage_options(root.storage.endpoint), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(final) and set(ds["query_id"]) == set(final["query_id"])
+    funnel = root.storage.read_json(root.storage.path("funnel.json"))["stages"]
+    assert [f["stage"] for f in funnel] == [s for s in STAGES if s != "difficulty_scorer"]
+    assert funnel[0] == {"stage": "language", "unit": "questions", "rows_in": 15, "kept": 11, "dropped": 4,
+                         "dropped_by_reason": {"code": 1, "empty": 1, "language_de": 1, "language_zh": 1}}
+    assert any(line.startswith("funnel:") for line in lines)
+    by_stage = {f["stage"]: f for f in funnel}
+    assert by_stage["responses"]["rows_in"] == len(questions) and by_stage["responses"]["unit"] == "candidates"
+    assert by_stage["selection"]["rows_in"] == by_stage["selection"]["kept"] + by_stage["selection"]["dropped"]
+
+
+def test_rerun_skips_and_deleted_manifest_reruns_from_there(full_run):
+    path, root, _, _ = full_run
+    cfg = load_config(path)
+    before = {s: root.manifest(s)["finished_at"] for s in STAGES}
+    again = pipeline.run(cfg, echo=lambda _: None)
+    assert all((r.skipped if hasattr(r, "skipped") else True) for r in again)
+    assert {s: root.manifest(s)["finished_at"] for s in STAGES} == before
+    root.storage.fs.delete_file(root.storage.path("reward", "_manifest.json"))
+    pipeline.run(cfg, echo=lambda _: None)
+    after = {s: root.manifest(s)["finished_at"] for s in STAGES}
+    rerun = [s for s in STAGES if after[s] != before[s]]
+    assert rerun == ["reward", "selection"]
