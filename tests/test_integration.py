@@ -92,7 +92,7 @@ def test_rerun_skips_finished_stages_and_half_written_stage_reruns(tiny_run):
     assert {s: (root / s / "_manifest.json").read_text() for s in before} == before
 
     # A stage whose manifest is missing is unfinished: its leftovers are cleared and it reruns.
-    # The rerun reproduces the same rows (same seeds), so the downstream stage stays valid.
+    # The rerun reproduces the same rows (same seeds).
     old_questions = _read(root / "questions" / "data").sort_values("query_id").reset_index(drop=True)
     (root / "questions" / "_manifest.json").unlink()
     stray = root / "questions" / "data" / "stray-half-written.parquet"
@@ -101,7 +101,11 @@ def test_rerun_skips_finished_stages_and_half_written_stage_reruns(tiny_run):
     assert not results[0].skipped and not stray.exists()
     new_questions = _read(root / "questions" / "data").sort_values("query_id").reset_index(drop=True)
     pd.testing.assert_series_equal(old_questions["query"], new_questions["query"])
-    assert pipeline.run(cfg, stages=["responses"])[0].skipped
+    # The downstream stage depends on the upstream COMMIT, so it is due to rerun too.
+    from scalequest_ray.storage import Storage
+
+    recorded = json.loads((root / "responses" / "_manifest.json").read_text())["upstream"]
+    assert recorded.startswith("questions:") and pipeline._upstream(cfg, Storage(cfg.root), "responses") != recorded
 
 
 def test_responses_from_user_file_with_bad_rows(tiny_run, tmp_path):
