@@ -71,7 +71,7 @@ def ours(model_dir: str, data: list[dict], batch: int, replicas: int) -> tuple[l
         return d.map_batches(Scorer, batch_format="pyarrow", batch_size=4 * batch, concurrency=replicas,
                              num_cpus=1, fn_constructor_kwargs=kw).select_columns(["idx", "reward"])
 
-    run(ray.data.from_items(data[:replicas * 4])).materialize()  # load the model in each actor, not timed
+    run(ray.data.from_items([dict(r, idx=i) for i, r in enumerate(data[:replicas * 4])])).materialize()  # load the model in each actor, not timed
     t0 = time.time()
     # Small benchmark output (an index and a float per row): fine to collect here.
     out = sorted(run(ds).take_all(), key=lambda r: r["idx"])

@@ -29,6 +29,13 @@ def cmd_validate(args):
     print(f"{args.config}: ok (run '{cfg.name}', root {cfg.root}, stages {', '.join(cfg.pipeline)})")
 
 
+def cmd_plan(args):
+    from .plan import format_plan, plan
+
+    cfg = _config(args)
+    print(format_plan(cfg, plan(cfg, check_storage=not args.offline)))
+
+
 def cmd_fetch_demo(args):
     from .models import fetch_demo_model
 
@@ -68,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=lambda a: cmd_run(a, ["responses"]))
     v = with_config(sub.add_parser("validate", help="check a config and exit"))
     v.set_defaults(fn=cmd_validate)
+    pl = with_config(sub.add_parser("plan", help="print the stages, what runs them, resources and paths (starts nothing)"))
+    pl.add_argument("--offline", action="store_true", help="do not look at the run root for finished stages")
+    pl.set_defaults(fn=cmd_plan)
 
     models = sub.add_parser("models", help="model utilities").add_subparsers(dest="models_command", required=True)
     fd = models.add_parser("fetch-demo", help="build the SmolLM2-135M-Instruct demo checkpoint (offline)")

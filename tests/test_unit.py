@@ -265,3 +265,26 @@ def test_distinct_ngrams_and_summary():
     assert distinct_ngram_ratio(["a b c d e", "f g h i j"]) == 1.0
     s = summarize(["A train travels 120 km in 2 hours. What is its average speed in km/h?", "hello"])
     assert s["wellformed_share"] == 0.5 and s["rejected_by_reason"] == {"too_short": 1}
+
+
+def test_plan_lists_stages_resources_and_paths_without_ray():
+    import sys
+
+    from scalequest_ray.plan import format_plan, plan
+
+    cfg = load_config(REPO / "configs" / "paper_gpu.yaml")
+    rows = plan(cfg, check_storage=False)
+    assert [r["stage"] for r in rows] == cfg.pipeline
+    by = {r["stage"]: r for r in rows}
+    assert by["responses"]["runs_on"] == "vLLM replica pool" and "x1-16 (4 CPU, 1 GPU, batch 256)" in by["responses"]["model"]
+    assert by["difficulty_scorer"]["each"] == "8 CPU, 1 GPU" and by["difficulty_scorer"]["replicas"] == "8"
+    assert by["reward"]["runs_on"] == "scoring actor pool"
+    assert by["language"]["input"] == f"{cfg.root}/questions/data" and by["selection"]["output"] == f"{cfg.root}/selection"
+    text = format_plan(cfg, rows)
+    assert text.splitlines()[0].startswith("run 'paper', root s3://my-bucket/scalequest/paper, 10 stages")
+    # The CLI prints it without importing Ray (a dry run for a cluster config, from a laptop).
+    code = ("import sys; from scalequest_ray import cli; rc = cli.main(['plan', 'configs/paper_gpu.yaml', '--offline']); "
+            "assert rc == 0 and 'ray' not in sys.modules and 'vllm' not in sys.modules, sorted(sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "10. selection: Ray Data tasks + hash shuffles" in proc.stdout

@@ -1,0 +1,92 @@
+"""`scalequest-ray plan CONFIG`: what a run would do, without starting Ray or any engine.
+
+For each stage of the pipeline: what runs it (vLLM replica pool, scoring actor pool, Ray Train
+workers, CPU tasks / shuffles), the model, the replica range and what each replica or worker
+needs, where it reads and writes, and whether the run root already has it finished.
+"""
+
+from __future__ import annotations
+
+from .config import CHAIN, RunConfig
+
+ENGINE_STAGES = {"questions", "solvability", "difficulty_labels", "responses", "qpo_pairs"}
+SCORING_STAGES = {"difficulty", "reward"}
+TRAINING = {"qft", "qpo", "difficulty_scorer"}
+
+
+def _models(cfg: RunConfig, stage: str) -> list[str]:
+    section = getattr(cfg.stages, stage)
+    names = [g.model for g in getattr(section, "generators", [])]
+    names += [getattr(section, k) for k in ("model", "generator", "optimizer_model") if getattr(section, k, None)]
+    return names
+
+
+def _input(cfg: RunConfig, stage: str) -> str:
+    section = getattr(cfg.stages, stage)
+    if getattr(section, "input", None):
+        return section.input
+    if stage in CHAIN and stage != "questions":
+        from .chain import previous_stage
+
+        prev = previous_stage(cfg, stage)
+        return f"{cfg.root}/{prev}/data" if prev else "(none: set input)"
+    return {"qft": f"{cfg.root}/seed_problems/data", "qpo": f"{cfg.root}/qpo_pairs/data",
+            "difficulty_scorer": f"{cfg.root}/difficulty_labels/data",
+            "questions": "(prompts from the generators' chat templates)"}.get(stage, "(the sources in its config)")
+
+
+def plan(cfg: RunConfig, check_storage: bool = True) -> list[dict]:
+    from .storage import Storage
+
+    storage = None
+    if check_storage:
+        try:
+            storage = Storage(cfg.root, cfg.storage.endpoint_url)
+        except Exception:  # unreachable store: the plan still prints, status unknown
+            storage = None
+    rows = []
+    for stage in cfg.pipeline:
+        entry = {"stage": stage, "input": _input(cfg, stage), "output": f"{cfg.root}/{stage}"}
+        if stage in TRAINING:
+            t = getattr(cfg.stages, stage)
+            entry.update(runs_on="Ray Train workers", model=cfg.models[t.model].path, replicas=f"{t.workers}",
+                         each=f"{t.cpus_per_worker:g} CPU" + (f", {t.gpus_per_worker:g} GPU" if t.gpus_per_worker else ""),
+                         detail=f"deepspeed {t.deepspeed}, {t.precision}, batch {t.batch_size}")
+        elif stage in ENGINE_STAGES or stage in SCORING_STAGES:
+            names = _models(cfg, stage)
+            if stage == "qpo_pairs" and cfg.stages.qpo_pairs.optimizer_http:
+                names = names[:1]
+            parts = []
+            for name in names:
+                m = cfg.models[name]
+                s = m.scale
+                parts.append(f"{name}={m.path} x{s.replicas[0]}-{s.replicas[1]} "
+                             f"({s.cpus_per_replica:g} CPU" + (f", {s.gpus_per_replica:g} GPU" if s.gpus_per_replica else "")
+                             + f", batch {s.batch_size})")
+            entry.update(runs_on="vLLM replica pool" if stage in ENGINE_STAGES else "scoring actor pool",
+                         model="; ".join(parts))
+            if stage == "qpo_pairs" and cfg.stages.qpo_pairs.optimizer_http:
+                entry["detail"] = f"optimizer: {cfg.stages.qpo_pairs.optimizer_http.base_url} (HTTP)"
+        else:
+            entry.update(runs_on="Ray Data tasks" + (" + hash shuffles" if stage in ("dedup", "selection", "seed_problems") else ""))
+        if storage is not None:
+            m = storage.manifest(stage)
+            entry["status"] = "has a manifest" if m else "to run"
+        rows.append(entry)
+    return rows
+
+
+def format_plan(cfg: RunConfig, rows: list[dict]) -> str:
+    lines = [f"run '{cfg.name}', root {cfg.root}, {len(rows)} stages, {cfg.storage.rows_per_file} rows per Parquet file"]
+    for i, r in enumerate(rows, 1):
+        status = f" [{r['status']}]" if "status" in r else ""
+        lines.append(f"{i:>2}. {r['stage']}{status}: {r['runs_on']}")
+        if r.get("model"):
+            lines.append(f"      model: {r['model']}")
+        if r.get("replicas"):
+            lines.append(f"      workers: {r['replicas']} x ({r['each']})")
+        if r.get("detail"):
+            lines.append(f"      {r['detail']}")
+        lines.append(f"      in:  {r['input']}")
+        lines.append(f"      out: {r['output']}")
+    return "\n".join(lines)
