@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -106,10 +108,15 @@ def test_worker_failure_is_retried_from_checkpoint(tiny_model, ray_cluster, tmp_
     cfg = load_config(_cfg(tmp_path, tiny_model, max_failures=1))
     pipeline.run(cfg, stages=["seed_problems"])
     marker = tmp_path / "failed-once"
+    scratch = Path(tempfile.gettempdir()) / "scalequest-ray-train"
+    before = set(scratch.glob("qft-*"))
     manifest = qft.run(cfg, Storage(cfg.root), fault={"fail_at_step": 5, "marker": str(marker)})
     assert marker.exists()  # the failure happened
     assert manifest["metrics"]["steps"] == 8
     assert manifest["metrics"]["start_step"] == 4  # the retry resumed from the step-4 checkpoint
+    # Neither the failed attempt nor the resumed one leaves its local checkpoints behind.
+    # (the failed attempt's, killed by Ray before its clean-up ran, is emptied by the retry).
+    assert set(scratch.glob("qft-*")) - before == set()
 
 
 @pytest.mark.integration

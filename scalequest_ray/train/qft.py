@@ -13,7 +13,7 @@ from typing import Optional
 from ..config import RunConfig
 from ..storage import Storage, read_input
 from ..text import turn_template
-from .common import common_args, read_columns, run_training, train_and_export, worker_setup
+from .common import common_args, read_columns, run_training, scratch_dir, train_and_export, worker_setup
 
 
 def qft_rows(tokenizer, questions: list[str]) -> list[dict]:
@@ -24,14 +24,12 @@ def qft_rows(tokenizer, questions: list[str]) -> list[dict]:
 
 def train_loop(c: dict) -> None:
     """Runs on every Ray Train worker."""
-    import tempfile
-
     import datasets
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = worker_setup(c)
     rows = qft_rows(tokenizer, read_columns(c["data_uri"], c["endpoint"], ["query"], c["max_examples"])["query"])
-    args = SFTConfig(**common_args(c, tempfile.mkdtemp(prefix="qft-")))
+    args = SFTConfig(**common_args(c, scratch_dir(c, "qft")))
     train_and_export(SFTTrainer, c, model, tokenizer, datasets.Dataset.from_list(rows), args)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 from ..config import RunConfig
 from ..storage import InputError, Storage, read_input
 from ..text import turn_template
-from .common import common_args, read_columns, run_training, train_and_export, worker_setup
+from .common import common_args, read_columns, run_training, scratch_dir, train_and_export, worker_setup
 
 
 def dpo_rows(tokenizer, pairs: dict) -> list[dict]:
@@ -23,15 +23,13 @@ def dpo_rows(tokenizer, pairs: dict) -> list[dict]:
 
 def train_loop(c: dict) -> None:
     """Runs on every Ray Train worker."""
-    import tempfile
-
     import datasets
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = worker_setup(c)
     rows = dpo_rows(tokenizer, read_columns(c["data_uri"], c["endpoint"], ["prompt", "chosen", "rejected"],
                                             c["max_examples"]))
-    args = DPOConfig(beta=c["beta"], loss_type=c["loss_type"], **common_args(c, tempfile.mkdtemp(prefix="qpo-")))
+    args = DPOConfig(beta=c["beta"], loss_type=c["loss_type"], **common_args(c, scratch_dir(c, "qpo")))
     # ref_model=None: TRL keeps a frozen copy of the starting policy (the QFT model) as reference.
     train_and_export(DPOTrainer, c, model, tokenizer, datasets.Dataset.from_list(rows), args, ref_model=None)
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..config import RunConfig
 from ..storage import InputError, Storage, read_input
-from .common import common_args, read_columns, run_training, train_and_export, worker_setup
+from .common import common_args, read_columns, run_training, scratch_dir, train_and_export, worker_setup
 
 
 def is_holdout(query_id: str, share: float) -> bool:
@@ -23,8 +23,6 @@ def is_holdout(query_id: str, share: float) -> bool:
 
 def train_loop(c: dict) -> None:
     """Runs on every Ray Train worker."""
-    import tempfile
-
     import datasets
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -39,7 +37,7 @@ def train_loop(c: dict) -> None:
 
     train = [r for r in rows if not r["holdout"]] or rows
     held = [r for r in rows if r["holdout"]]
-    args_kw = common_args(c, tempfile.mkdtemp(prefix="scorer-"))
+    args_kw = common_args(c, scratch_dir(c, "scorer"))
     args_kw.pop("max_length")  # a TRL option; plain TrainingArguments has none
     args = TrainingArguments(**args_kw)
 
