@@ -62,6 +62,9 @@ class ScaleConfig(_Strict):
     gpus_per_replica: float = Field(0, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
     accelerator_type: Optional[str] = None
+    # Custom Ray resources each replica also needs, e.g. {engine: 1} with a node group started
+    # with `--resources '{"engine": 4}'`: pins the replicas to those nodes.
+    resources: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -385,11 +388,31 @@ class StagesConfig(_Strict):
     selection: Optional[SelectionStageConfig] = None
 
 
+STAGE_ORDER = ("questions", "responses")
+STAGES = Literal["seed_problems", "qft", "qpo_pairs", "qpo", "questions", "language", "dedup", "solvability",
+                 "difficulty_labels", "difficulty_scorer", "difficulty", "responses", "reward", "selection"]
+# The data chain: a stage with no `input` reads the closest earlier one of these in the pipeline.
+CHAIN = ("questions", "language", "dedup", "solvability", "difficulty", "responses", "reward", "selection")
+
+
 class StorageConfig(_Strict):
     # S3-compatible endpoint; None = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment,
     # else AWS itself. Credentials only ever come from the standard AWS environment/chain.
     endpoint_url: Optional[str] = None
     rows_per_file: int = Field(5000, gt=0)
+    # Per-stage shard sizes, e.g. {responses: 20000, selection: 50000}; others use rows_per_file.
+    stage_rows_per_file: dict[STAGES, int] = Field(default_factory=dict)
+
+    @field_validator("stage_rows_per_file")
+    @classmethod
+    def _positive(cls, v: dict) -> dict:
+        for stage, rows in v.items():
+            if rows <= 0:
+                raise ValueError(f"stage_rows_per_file.{stage} must be > 0, got {rows}")
+        return v
+
+    def rows_for(self, stage: str) -> int:
+        return self.stage_rows_per_file.get(stage, self.rows_per_file)
 
 
 class RayConfig(_Strict):
@@ -400,20 +423,13 @@ class RayConfig(_Strict):
     num_cpus: Optional[int] = None
 
 
-STAGE_ORDER = ("questions", "responses")
-STAGES = Literal["seed_problems", "qft", "qpo_pairs", "qpo", "questions", "language", "dedup", "solvability",
-                 "difficulty_labels", "difficulty_scorer", "difficulty", "responses", "reward", "selection"]
-# The data chain: a stage with no `input` reads the closest earlier one of these in the pipeline.
-CHAIN = ("questions", "language", "dedup", "solvability", "difficulty", "responses", "reward", "selection")
-
-
 class RunConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     root: str = Field(description="local directory or s3://bucket/prefix")
     seed: int = 0
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    models: dict[str, ModelConfig] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)  # none needed for CPU-only stages
     stages: StagesConfig
     pipeline: list[STAGES] = Field(default_factory=lambda: list(STAGE_ORDER))
 

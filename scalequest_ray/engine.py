@@ -61,9 +61,10 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s
     s = model.scale
     on_gpu = s.gpus_per_replica > 0
     if on_gpu and s.tensor_parallel_size > 1:
-        placement = {"bundle_per_worker": {"CPU": max(s.cpus_per_replica / s.tensor_parallel_size, 1), "GPU": 1}}
+        placement = {"bundle_per_worker": {"CPU": max(s.cpus_per_replica / s.tensor_parallel_size, 1), "GPU": 1,
+                                           **s.resources}}
     else:
-        bundle = {"CPU": s.cpus_per_replica}
+        bundle = {"CPU": s.cpus_per_replica, **s.resources}
         if on_gpu:
             bundle["GPU"] = s.gpus_per_replica
         placement = {"bundles": [bundle]}

@@ -24,20 +24,22 @@ SCHEMA = pa.schema([
     ("generator", pa.string()),
     ("generator_model", pa.string()),
     *GENERATION_FIELDS,
+    ("id", pa.int64()),  # the row's number over all generators: the questions stage's resume id
 ])
 
 
 class _Prompt:
     """Row -> engine request. A class (not a closure) so Ray pickles only these few fields."""
 
-    def __init__(self, run_seed, tag, generator, prefix, sampling):
+    def __init__(self, run_seed, tag, generator, prefix, sampling, offset=0):
         self.run_seed, self.tag, self.generator = run_seed, tag, generator
-        self.prefix, self.sampling = prefix, sampling
+        self.prefix, self.sampling, self.offset = prefix, sampling, offset
 
     def __call__(self, row: dict) -> dict:
-        i = int(row["id"])
+        i = int(row["id"]) - self.offset  # the row's number within this generator
         seed = derive_seed(self.run_seed, self.tag, self.generator, i)
         return {
+            "id": int(row["id"]),
             "query_id": f"{self.generator}-{i:09d}",
             "seed": seed,
             "prompt": self.prefix,
@@ -59,20 +61,29 @@ def finalize(batch: pd.DataFrame, generator: str, model_path: str, sampling: dic
             "query_id": r["query_id"], "query": text, "generator": generator, "generator_model": model_path,
             "seed": int(r["seed"]), "sampling": sampling_json, "finish_reason": out["finish_reason"],
             "num_input_tokens": out["num_input_tokens"], TOKENS: out["num_output_tokens"], REASON: reason,
-            "error": out["error"],
+            "error": out["error"], "id": int(r["id"]),
         })
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def generate_questions(cfg: RunConfig, name: str, model: ModelConfig, num_questions: int,
-                       sampling_cfg: SamplingConfig, min_chars: int, tag: str = "questions"):
-    """(Ray Dataset of question rows with exclude_reason, the generator's turn prefix)."""
+                       sampling_cfg: SamplingConfig, min_chars: int, tag: str = "questions", offset: int = 0):
+    """(Ray Dataset of question rows with exclude_reason, the generator's turn prefix).
+
+    Rows are numbered offset .. offset + num_questions - 1 in the `id` column (generators of one
+    stage get disjoint ranges), read from `ray.data.range` so that Ray Data's checkpointing can
+    filter already-written ids at the read."""
     import ray
+    from ray.data.expressions import col
 
     turn, stops, sampling = chat_sampling(model, sampling_cfg, cfg.storage.endpoint_url)
-    processor = build_llm(model, _Prompt(cfg.seed, tag, name, turn.prefix, sampling), keep_all, cfg.storage.endpoint_url)
-    blocks = max(1, min(num_questions // max(model.scale.batch_size, 1), 1000))
-    ds = processor(ray.data.range(num_questions, override_num_blocks=blocks))
+    processor = build_llm(model, _Prompt(cfg.seed, tag, name, turn.prefix, sampling, offset), keep_all,
+                          cfg.storage.endpoint_url)
+    blocks = max(1, min((offset + num_questions) // max(model.scale.batch_size, 1), 1000))
+    rows = ray.data.range(offset + num_questions, override_num_blocks=blocks)
+    if offset:
+        rows = rows.filter(expr=col("id") >= offset)
+    ds = processor(rows)
     return ds.map_batches(
         finalize,
         batch_format="pandas",

@@ -41,6 +41,19 @@ def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
 UNITS = {"responses": "candidates", "reward": "candidates", "difficulty_labels": "labelled problems"}
 
 
+def _resume_id(cfg: RunConfig, storage: Storage, stage: str, module) -> Optional[str]:
+    """The stage's resume id where it is known to be unique: rows this run made (a user's own
+    `input` may repeat ids, and such a stage starts over instead)."""
+    rid = getattr(module, "RESUME_ID", None)
+    if rid is None or stage == "questions":
+        return rid
+    try:
+        _, upstream = stage_input(cfg, storage, stage)
+    except InputError:
+        return None
+    return None if upstream.startswith("input:") else rid
+
+
 def _rows_in(cfg: RunConfig, storage: Storage, stage: str) -> Optional[int]:
     if stage not in CHAIN or stage in ("questions", "selection"):
         return None  # selection: its rows in are the questions it groups (kept + dropped)
@@ -115,7 +128,8 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
         result = run_stage(cfg, storage, stage, lambda m=module: m.build(cfg, storage), upstream=upstream, force=force,
                            tokens_column=getattr(module, "TOKENS_COLUMN", "num_output_tokens"),
                            finish=(lambda f=finish: f(cfg, storage)) if finish else None,
-                           rows_in=_rows_in(cfg, storage, stage))
+                           rows_in=_rows_in(cfg, storage, stage), resume_id=_resume_id(cfg, storage, stage, module),
+                           private_columns=getattr(module, "PRIVATE_COLUMNS", ()))
         echo(result.summary())
         results.append(result)
     rows = funnel(cfg, storage, cfg.pipeline)

@@ -62,6 +62,7 @@ def plan(cfg: RunConfig, check_storage: bool = True) -> list[dict]:
                 s = m.scale
                 parts.append(f"{name}={m.path} x{s.replicas[0]}-{s.replicas[1]} "
                              f"({s.cpus_per_replica:g} CPU" + (f", {s.gpus_per_replica:g} GPU" if s.gpus_per_replica else "")
+                             + "".join(f", {v:g} {k}" for k, v in s.resources.items())
                              + f", batch {s.batch_size})")
             entry.update(runs_on="vLLM replica pool" if stage in ENGINE_STAGES else "scoring actor pool",
                          model="; ".join(parts))

@@ -22,6 +22,8 @@ def actor_options(model: ModelConfig) -> dict:
         opts["num_gpus"] = s.gpus_per_replica
     if s.accelerator_type:
         opts["accelerator_type"] = s.accelerator_type
+    if s.resources:
+        opts["resources"] = dict(s.resources)
     return opts
 
 

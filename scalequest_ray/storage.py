@@ -126,15 +126,22 @@ class Storage:
         path = self.path(stage, MANIFEST)
         return self.read_json(path) if self.exists(path) else None
 
-    def commit_stage(self, stage: str, fingerprint: str, started: float, extra: dict) -> dict:
-        """Write the manifest after every shard is on storage; return it."""
+    def commit_stage(self, stage: str, fingerprint: str, started: float, extra: dict,
+                     expect_rows: Optional[int] = None) -> dict:
+        """Write the manifest after every shard is on storage; return it. With `expect_rows`,
+        data/ + exclusions/ must hold exactly that many rows (read from the shards' footers as
+        listed now), or nothing is committed."""
         data_files = self.parquet_files(self.path(stage, "data"))
         excl_files = self.parquet_files(self.path(stage, "exclusions"))
+        rows, excluded = self.count_rows(data_files), self.count_rows(excl_files)
+        if expect_rows is not None and rows + excluded != expect_rows:
+            raise RuntimeError(f"{stage}: data/ + exclusions/ hold {rows} + {excluded} rows, {expect_rows} were staged; "
+                               "not committing the stage (run the same command again)")
         manifest = {
             "stage": stage,
             "config_hash": fingerprint,
-            "rows": self.count_rows(data_files),
-            "excluded_rows": self.count_rows(excl_files),
+            "rows": rows,
+            "excluded_rows": excluded,
             "files": [self._rel(f) for f in data_files],
             "exclusion_files": [self._rel(f) for f in excl_files],
             "started_at": started,

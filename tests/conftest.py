@@ -56,12 +56,20 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(s3_server):
+def start_local_ray() -> None:
     import ray
 
     # More logical CPUs than cores: the engine actor holds one for the whole stage.
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray for the session (test_cluster.py swaps it for a multi-node cluster and back)."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
     yield
     ray.shutdown()
 

@@ -53,6 +53,8 @@ def test_demo_and_paper_configs_load(tmp_path):
     (["models.smollm2.path=/does/not/exist"], "models.smollm2.path: local model directory /does/not/exist does not exist"),
     (["stages.responses.model=ghost"], "stages.responses.model: model 'ghost' is not defined under models"),
     (["models.smollm2.scale.replicas=[3, 1]"], "replicas must be (min, max) with 1 <= min <= max"),
+    (["storage.stage_rows_per_file={responses: 0}"], "stage_rows_per_file.responses must be > 0"),
+    (["storage.stage_rows_per_file={respones: 10}"], "storage.stage_rows_per_file.respones"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:
@@ -207,6 +209,24 @@ def test_manifest_counts_from_footers_and_commit_is_last(tmp_path):
     assert m["rows"] == 7 and m["excluded_rows"] == 0 and len(m["files"]) == 2
     on_disk = json.loads(Path(storage.path("s", "_manifest.json")).read_text())
     assert on_disk["config_hash"] == "abc" and storage.manifest("s")["rows"] == 7
+
+
+def test_no_manifest_over_missing_shards(tmp_path):
+    """The commit re-counts data/ + exclusions/ from the footers: a shard missing from what was
+    staged (a lost write) stops the commit, and the old state (no manifest) stays."""
+    storage = Storage(str(tmp_path / "root"))
+    path = Path(storage.path("s", "data", "part-0.parquet"))
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+    with pytest.raises(RuntimeError, match="3 \\+ 0 rows, 5 were staged; not committing"):
+        storage.commit_stage("s", "abc", time.time(), {}, expect_rows=5)
+    assert storage.manifest("s") is None
+    assert storage.commit_stage("s", "abc", time.time(), {}, expect_rows=3)["rows"] == 3
+
+
+def test_per_stage_shard_sizes(tmp_path):
+    cfg = _load(tmp_path, _demo_raw(tmp_path), ["storage.stage_rows_per_file={responses: 20000}"])
+    assert cfg.storage.rows_for("responses") == 20000 and cfg.storage.rows_for("questions") == cfg.storage.rows_per_file
 
 
 # --- QPO rewrite parsing ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ..runner import REASON
 from ..storage import Storage, read_input
 
 TOKENS_COLUMN = None  # generates nothing
+RESUME_ID = "query_id"  # unique per row of this stage's own upstream (see runner)
 
 
 def _filter(table: pa.Table, opts: dict) -> pa.Table:

@@ -11,11 +11,15 @@ from ..config import RunConfig
 from ..generation import generate_questions
 from ..storage import Storage
 
+RESUME_ID = "id"  # numbers the rows over all generators; dropped from the output
+PRIVATE_COLUMNS = ("id",)
+
 
 def build(cfg: RunConfig, storage: Storage):
     qcfg = cfg.stages.questions
-    parts = [
-        generate_questions(cfg, gen.name, cfg.models[gen.model], gen.num_questions, qcfg.sampling, qcfg.min_chars)[0]
-        for gen in qcfg.generators
-    ]
+    parts, offset = [], 0
+    for gen in qcfg.generators:
+        parts.append(generate_questions(cfg, gen.name, cfg.models[gen.model], gen.num_questions, qcfg.sampling,
+                                        qcfg.min_chars, offset=offset)[0])
+        offset += gen.num_questions
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

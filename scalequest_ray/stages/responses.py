@@ -18,12 +18,13 @@ import pyarrow as pa
 from ..chain import stage_input
 from ..config import RunConfig
 from ..engine import GENERATION_FIELDS, build_llm, chat_sampling, engine_result, keep_all
-from ..runner import REASON, TOKENS
+from ..runner import REASON, TOKENS, WORK
 from ..storage import InputError, Storage, read_input
 from ..text import derive_seed, extract_answer, solver_user_text
 
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
+    ("response_id", pa.string()),  # <query_id>#<sample_idx>: unique per candidate
     ("sample_idx", pa.int64()),
     ("query", pa.string()),
     ("response", pa.string()),
@@ -52,23 +53,28 @@ def normalize(batch: pd.DataFrame, max_query_chars: int) -> pd.DataFrame:
     return pd.DataFrame({"query_id": ids, "query": queries, REASON: reasons})
 
 
+RESUME_ID = "response_id"
+
+
 def _excluded_inputs(batch: pd.DataFrame, solver: str) -> pa.Table:
-    bad = batch[batch[REASON].notna()]
-    rows = [{"query_id": r["query_id"], "query": r["query"], "solver_model": solver, REASON: r[REASON],
-             TOKENS: 0} for r in bad.to_dict("records")]
+    rows = [{"query_id": r["query_id"], "response_id": r["response_id"], "query": r["query"], "solver_model": solver,
+             REASON: r[REASON], TOKENS: 0} for r in batch.to_dict("records")]
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def _expand(batch: pd.DataFrame, n: int, run_seed: int) -> pd.DataFrame:
-    good = batch[batch[REASON].isna()]
-    out = {"query_id": [], "query": [], "sample_idx": [], "seed": []}
-    for qid, q in zip(good["query_id"], good["query"]):
-        for k in range(n):
+    """One request row per (question, sample_idx), each with its own seed; a rejected question
+    stays one row with its reason (it never reaches the engine)."""
+    out = {"query_id": [], "response_id": [], "query": [], "sample_idx": [], "seed": [], REASON: []}
+    for qid, q, reason in zip(batch["query_id"], batch["query"], batch[REASON]):
+        for k in ([None] if isinstance(reason, str) else range(n)):
             out["query_id"].append(qid)
+            out["response_id"].append(f"{qid}#{'-' if k is None else k}")
             out["query"].append(q)
             out["sample_idx"].append(k)
-            out["seed"].append(derive_seed(run_seed, "responses", qid, k))
-    return pd.DataFrame(out)
+            out["seed"].append(None if k is None else derive_seed(run_seed, "responses", qid, k))
+            out[REASON].append(reason if isinstance(reason, str) else None)
+    return pd.DataFrame(out).astype({"sample_idx": "Int64", "seed": "Int64"})
 
 
 class _Prompt:
@@ -88,7 +94,8 @@ def finalize(batch: pd.DataFrame, solver: str, sampling: dict, stop_ids: list, m
         out = engine_result(r, sampling["max_tokens"], max_model_len, stop_ids)
         answer, how = extract_answer(out["text"])
         rows.append({
-            "query_id": r["query_id"], "sample_idx": int(r["sample_idx"]), "query": r["query"],
+            "query_id": r["query_id"], "response_id": r["response_id"], "sample_idx": int(r["sample_idx"]),
+            "query": r["query"],
             "response": None if out["error"] else out["text"].strip(), "answer": answer, "answer_format": how,
             "solver_model": solver, "seed": int(r["seed"]), "sampling": sampling_json,
             "finish_reason": out["finish_reason"], "num_input_tokens": out["num_input_tokens"],
@@ -98,20 +105,31 @@ def finalize(batch: pd.DataFrame, solver: str, sampling: dict, stop_ids: list, m
 
 
 def build(cfg: RunConfig, storage: Storage):
+    import ray
+    from ray.data.expressions import col
+
     rcfg = cfg.stages.responses
     model = cfg.models[rcfg.model]
-    uri, _ = stage_input(cfg, storage, "responses")
-    source = read_input(uri, cfg.storage.endpoint_url, required_column="query")
-    if source.count() == 0:
-        raise InputError(f"input {uri} has no rows")
-
     turn, stops, sampling = chat_sampling(model, rcfg.sampling, cfg.storage.endpoint_url)
-
-    normalized = source.map_batches(normalize, batch_format="pandas", fn_kwargs={"max_query_chars": rcfg.max_query_chars})
-    rejected = normalized.map_batches(_excluded_inputs, batch_format="pandas", fn_kwargs={"solver": model.path})
-    requests = normalized.map_batches(_expand, batch_format="pandas", fn_kwargs={"n": rcfg.n, "run_seed": cfg.seed})
+    # The questions are expanded into one row per candidate first and written under _work/:
+    # the generation then maps rows 1:1, which is what Ray Data's checkpointing (resume id
+    # `response_id`) needs; a question's n candidates may land in different blocks.
+    work, done = storage.path("responses", WORK, "requests"), storage.path("responses", WORK, "_done.json")
+    if not storage.exists(done):
+        uri, _ = stage_input(cfg, storage, "responses")
+        source = read_input(uri, cfg.storage.endpoint_url, required_column="query")
+        if source.count() == 0:
+            raise InputError(f"input {uri} has no rows")
+        storage.delete_dir(work)
+        source.map_batches(normalize, batch_format="pandas", fn_kwargs={"max_query_chars": rcfg.max_query_chars}) \
+            .map_batches(_expand, batch_format="pandas", fn_kwargs={"n": rcfg.n, "run_seed": cfg.seed}) \
+            .write_parquet(work, filesystem=storage.fs, min_rows_per_file=cfg.storage.rows_for("responses"))
+        storage.write_json(done, {"n": rcfg.n})
+    requests = ray.data.read_parquet(work, filesystem=storage.fs)
+    rejected = requests.filter(expr=col(REASON).is_not_null()).map_batches(
+        _excluded_inputs, batch_format="pandas", fn_kwargs={"solver": model.path})
     processor = build_llm(model, _Prompt(turn.prefix, turn.suffix, rcfg.instruction, sampling), keep_all, cfg.storage.endpoint_url)
-    generated = processor(requests).map_batches(
+    generated = processor(requests.filter(expr=col(REASON).is_null()).drop_columns([REASON])).map_batches(
         finalize, batch_format="pandas",
         fn_kwargs=dict(solver=model.path, sampling=sampling, stop_ids=stops, max_model_len=model.engine.max_model_len),
     )

@@ -15,6 +15,7 @@ from ..scoring import Scorer, actor_options
 from ..storage import Storage, read_input
 
 TOKENS_COLUMN = None
+RESUME_ID = "response_id"  # unique per row of this stage's own upstream (see runner)
 
 
 def _mark(table: pa.Table, model_path: str) -> pa.Table:

@@ -19,6 +19,8 @@ TOKENS_COLUMN = "judge_output_tokens"
 NEW_FIELDS = [("solvable", pa.bool_()), ("judgement", pa.string()), (TOKENS_COLUMN, pa.int64()),
               ("judge_model", pa.string()), (REASON, pa.string())]
 
+RESUME_ID = "query_id"  # unique per row of this stage's own upstream (see runner)
+
 
 def output_schema(input_schema: pa.Schema) -> pa.Schema:
     names = {n for n, _ in NEW_FIELDS}
