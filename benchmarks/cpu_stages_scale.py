@@ -87,7 +87,7 @@ def main():
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--root", default="/tmp/sq-scale")
     args = ap.parse_args()
-    ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False)
     vocab = vocabulary()
     results = []
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -61,7 +61,7 @@ def ours(model_dir: str, data: list[dict], batch: int, replicas: int) -> tuple[l
 
     from scalequest_ray.scoring import Scorer
 
-    ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False)
     threads = max(1, (os.cpu_count() or 1) // replicas)
     kw = dict(model_path=model_dir, endpoint=None, out="reward", pairs=True, method="sequence_classification",
               max_length=1024, dtype="float32", trust_remote_code=False, device_batch=batch, threads=threads)

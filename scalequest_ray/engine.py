@@ -23,7 +23,10 @@ def init_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+        # address="local": a new local Ray even when another one runs on this machine (a bare
+        # ray.init() would join that one, and refuse num_cpus).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+                 include_dashboard=False)
 
 
 def engine_kwargs(model: ModelConfig) -> dict:

@@ -60,7 +60,7 @@ def start_local_ray() -> None:
     import ray
 
     # More logical CPUs than cores: the engine actor holds one for the whole stage.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")

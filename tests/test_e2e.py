@@ -49,4 +49,4 @@ def test_ray_job_entrypoint_reports_bad_config(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "ray_jobs" / "run_pipeline.py"), "--config", str(bad)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {bad}: models: Dictionary should have at least 1 item after validation, not 0"
+    assert proc.stderr.strip() == f"error: {bad}: pipeline runs 'questions' but stages.questions is not configured"

@@ -131,6 +131,14 @@ def test_responses_from_user_file_with_bad_rows(tiny_run, tmp_path):
     assert engine_errors["error"].str.contains("context length|maximum", case=False).all()
     assert len(engine_errors) == 2  # both sampled candidates of the over-long question
     assert result.manifest["excluded_by_reason"] == {"query_too_long": 1, "empty_query": 1, "engine_error": 2}
+    # Exactly once, by id: every input question's n candidates (or its one rejected row).
+    from scalequest_ray.stages.responses import stable_query_id
+
+    qids = {r["query"]: stable_query_id(r["query"]) for r in rows}
+    expected = {f"{qids[r['query']]}#{k}" for r in rows[:2] + rows[4:] for k in range(2)} | {
+        f"{qids[r['query']]}#-" for r in rows[2:4]}
+    written = list(kept["response_id"]) + list(excluded["response_id"])
+    assert len(written) == len(set(written)) and set(written) == expected
 
 
 @pytest.mark.parametrize("content, message", [
