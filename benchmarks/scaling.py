@@ -2,9 +2,9 @@
 and worker raylets, each its own raylet + object store, as on a cluster):
 
 1. The CPU stages (language filter + exact + near dedup) on N synthetic questions with 1 worker
-   raylet vs 2 worker raylets of 1 CPU each (the head schedules nothing): rows/s and the
-   scaling efficiency (speed-up / 2). One CPU per raylet so that a second raylet adds a real
-   core on a 2-core machine.
+   raylet vs 2 worker raylets of 2 CPUs each (the head schedules nothing): rows/s and the
+   scaling efficiency (speed-up / 2). (With 1 CPU per raylet, dedup's key actor holds the only
+   CPU and the shuffle tasks wait for it forever: a deadlock found by this benchmark.)
 2. The questions stage on the tiny test model, undisturbed vs with the vLLM replica's process
    killed after the first shard is written: the extra seconds, and the rows generated twice
    (rows in the engine tasks that Ray retried, from Ray's own task records: attempt > 0).
@@ -60,10 +60,10 @@ def close(c) -> None:
 
 
 def cpu_stages(workers: int, rows: int, root: Path) -> float:
-    """Seconds for language + dedup over `rows` rows on `workers` raylets of 1 CPU."""
+    """Seconds for language + dedup over `rows` rows on `workers` raylets of 2 CPUs."""
     import ray
 
-    c = cluster(workers, 1)
+    c = cluster(workers, 2)
     try:
         shutil.rmtree(root, ignore_errors=True)
         inputs = str(root / "input")
@@ -71,7 +71,6 @@ def cpu_stages(workers: int, rows: int, root: Path) -> float:
             make, fn_kwargs={"vocab": vocabulary()}).write_parquet(inputs, min_rows_per_file=10000)
         cfg = RunConfig.model_validate({
             "name": "scaling", "root": str(root / "run"), "storage": {"rows_per_file": 25000},
-            "models": {"m": {"path": "unused"}},
             "stages": {"language": {"input": inputs}, "dedup": {"num_partitions": 2 * workers}},
             "pipeline": ["language", "dedup"],
         })
