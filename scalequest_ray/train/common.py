@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import RunConfig, TrainConfig
+from ..runner import STARTED  # the same attempt marker as the data stages
 from ..storage import InputError, Storage, resolve
 
 EXPORT = "model"  # <root>/<stage>/model/: the exported HF checkpoint
 RAY_DIR = "ray"   # <root>/<stage>/ray/: Ray Train's run folder (checkpoints, kept for resume)
-STARTED = "_started.json"
 METRICS = "_metrics.json"
 
 
