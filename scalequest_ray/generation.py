@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .config import ModelConfig, RunConfig, SamplingConfig
 from .engine import GENERATION_FIELDS, build_llm, chat_sampling, engine_result, keep_all
-from .runner import REASON, TOKENS
+from .columns import REASON, TOKENS
 from .text import derive_seed
 
 SCHEMA = pa.schema([

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .chain import stage_input, upstream_of
+from .chain import resolve_input
 from .config import CHAIN, TRAINING_STAGES, ConfigError, RunConfig
 from .runner import run_stage
+from .stage import StageInput
+from .stages import registry
 from .storage import InputError, Storage, read_input
 
 
@@ -29,52 +31,16 @@ def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str, declared
     return hashes
 
 
-def _upstream(cfg: RunConfig, storage: Storage, stage: str) -> Optional[str]:
-    """What a stage's output depends on besides its own config: the upstream stage's commit."""
-    if stage in CHAIN and stage != "questions":
-        return upstream_of(cfg, storage, stage)
-    return None  # questions, seed_problems, difficulty_labels: their sources are in their own section
-
-
-# What a stage's rows are: the funnel changes unit at responses (n candidates per question) and
-# back at selection (one row per question).
-UNITS = {"responses": "candidates", "reward": "candidates", "difficulty_labels": "labelled problems"}
-
-
-def _resume_id(cfg: RunConfig, storage: Storage, stage: str, module) -> Optional[str]:
-    """The stage's resume id where it is known to be unique: rows this run made (a user's own
-    `input` may repeat ids, and such a stage starts over instead)."""
-    rid = getattr(module, "RESUME_ID", None)
-    if rid is None or stage == "questions":
-        return rid
-    try:
-        _, upstream = stage_input(cfg, storage, stage)
-    except InputError:
-        return None
-    return None if upstream.startswith("input:") else rid
-
-
-def _rows_in(cfg: RunConfig, storage: Storage, stage: str) -> Optional[int]:
-    if stage not in CHAIN or stage in ("questions", "selection"):
-        return None  # selection: its rows in are the questions it groups (kept + dropped)
-    try:
-        uri, upstream = stage_input(cfg, storage, stage)
-    except InputError:
-        return None
-    if upstream.startswith("input:"):
-        return None
-    return storage.manifest(upstream.split(":", 1)[0])["rows"]
-
-
 def funnel(cfg: RunConfig, storage: Storage, stages: list[str]) -> list[dict]:
     """Rows in, kept and dropped by reason for every finished data stage (from manifests)."""
+    specs = registry()
     out = []
     for stage in stages:
         m = storage.manifest(stage)
         if m is None or stage in TRAINING_STAGES:
             continue
         rows_in = m.get("rows_in")
-        out.append({"stage": stage, "unit": UNITS.get(stage, "questions"),
+        out.append({"stage": stage, "unit": specs[stage].unit,
                     "rows_in": m["rows"] + m["excluded_rows"] if rows_in is None else rows_in,
                     "kept": m["rows"], "dropped": m["excluded_rows"], "dropped_by_reason": m.get("excluded_by_reason", {})})
     return out
@@ -92,13 +58,9 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
     """Run `stages` (default: cfg.pipeline) in order. Returns one entry per stage: a StageResult
     for data stages, the manifest dict for training stages."""
     from .engine import init_ray
-    from .stages import (dedup, difficulty, difficulty_labels, language, qpo_pairs, questions, responses, reward,
-                         seed_problems, selection, solvability)
 
     cfg = cfg.model_copy(deep=True)  # model paths get resolved below; the caller's config stays as written
-    modules = {"seed_problems": seed_problems, "qpo_pairs": qpo_pairs, "questions": questions, "language": language,
-               "dedup": dedup, "solvability": solvability, "difficulty_labels": difficulty_labels,
-               "difficulty": difficulty, "responses": responses, "reward": reward, "selection": selection}
+    specs = registry()
     storage = Storage(cfg.root, cfg.storage.endpoint_url)
     selected = stages or cfg.pipeline
     for stage in selected:
@@ -122,14 +84,11 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
             recipe = {"qft": qft, "qpo": qpo, "difficulty_scorer": scorer}[stage]
             results.append(recipe.run(cfg, storage, force=force, echo=echo, depends_on="|".join(trained)))
             continue
-        module = modules[stage]
-        upstream = "|".join(filter(None, [_upstream(cfg, storage, stage), *trained])) or None
-        finish = getattr(module, "finish", None)
-        result = run_stage(cfg, storage, stage, lambda m=module: m.build(cfg, storage), upstream=upstream, force=force,
-                           tokens_column=getattr(module, "TOKENS_COLUMN", "num_output_tokens"),
-                           finish=(lambda f=finish: f(cfg, storage)) if finish else None,
-                           rows_in=_rows_in(cfg, storage, stage), resume_id=_resume_id(cfg, storage, stage, module),
-                           private_columns=getattr(module, "PRIVATE_COLUMNS", ()))
+        given = resolve_input(cfg, storage, stage)
+        if trained:  # the exported models it uses are part of what it depends on
+            given = StageInput(given.uri, "|".join(filter(None, [given.upstream, *trained])), given.rows_in,
+                               given.from_user_file)
+        result = run_stage(cfg, storage, specs[stage], given, force=force)
         echo(result.summary())
         results.append(result)
     rows = funnel(cfg, storage, cfg.pipeline)

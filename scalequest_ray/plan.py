@@ -7,11 +7,11 @@ needs, where it reads and writes, and whether the run root already has it finish
 
 from __future__ import annotations
 
+from .chain import previous_stage
 from .config import CHAIN, RunConfig
+from .stages import registry
 
-ENGINE_STAGES = {"questions", "solvability", "difficulty_labels", "responses", "qpo_pairs"}
-SCORING_STAGES = {"difficulty", "reward"}
-TRAINING = {"qft", "qpo", "difficulty_scorer"}
+RUNS_ON = {"engine": "vLLM replica pool", "scoring": "scoring actor pool", "cpu": "Ray Data tasks"}
 
 
 def _models(cfg: RunConfig, stage: str) -> list[str]:
@@ -26,8 +26,6 @@ def _input(cfg: RunConfig, stage: str) -> str:
     if getattr(section, "input", None):
         return section.input
     if stage in CHAIN and stage != "questions":
-        from .chain import previous_stage
-
         prev = previous_stage(cfg, stage)
         return f"{cfg.root}/{prev}/data" if prev else "(none: set input)"
     return {"qft": f"{cfg.root}/seed_problems/data", "qpo": f"{cfg.root}/qpo_pairs/data",
@@ -44,15 +42,17 @@ def plan(cfg: RunConfig, check_storage: bool = True) -> list[dict]:
             storage = Storage(cfg.root, cfg.storage.endpoint_url)
         except Exception:  # unreachable store: the plan still prints, status unknown
             storage = None
+    specs = registry()
     rows = []
     for stage in cfg.pipeline:
         entry = {"stage": stage, "input": _input(cfg, stage), "output": f"{cfg.root}/{stage}"}
-        if stage in TRAINING:
+        runs_on = specs[stage].runs_on if stage in specs else "training"
+        if runs_on == "training":
             t = getattr(cfg.stages, stage)
             entry.update(runs_on="Ray Train workers", model=cfg.models[t.model].path, replicas=f"{t.workers}",
                          each=f"{t.cpus_per_worker:g} CPU" + (f", {t.gpus_per_worker:g} GPU" if t.gpus_per_worker else ""),
                          detail=f"deepspeed {t.deepspeed}, {t.precision}, batch {t.batch_size}")
-        elif stage in ENGINE_STAGES or stage in SCORING_STAGES:
+        elif runs_on in ("engine", "scoring"):
             names = _models(cfg, stage)
             if stage == "qpo_pairs" and cfg.stages.qpo_pairs.optimizer_http:
                 names = names[:1]
@@ -64,12 +64,11 @@ def plan(cfg: RunConfig, check_storage: bool = True) -> list[dict]:
                              f"({s.cpus_per_replica:g} CPU" + (f", {s.gpus_per_replica:g} GPU" if s.gpus_per_replica else "")
                              + "".join(f", {v:g} {k}" for k, v in s.resources.items())
                              + f", batch {s.batch_size})")
-            entry.update(runs_on="vLLM replica pool" if stage in ENGINE_STAGES else "scoring actor pool",
-                         model="; ".join(parts))
+            entry.update(runs_on=RUNS_ON[runs_on], model="; ".join(parts))
             if stage == "qpo_pairs" and cfg.stages.qpo_pairs.optimizer_http:
                 entry["detail"] = f"optimizer: {cfg.stages.qpo_pairs.optimizer_http.base_url} (HTTP)"
         else:
-            entry.update(runs_on="Ray Data tasks" + (" + hash shuffles" if stage in ("dedup", "selection", "seed_problems") else ""))
+            entry.update(runs_on=RUNS_ON[runs_on] + (" + shuffles" if stage in ("dedup", "selection", "seed_problems") else ""))
         if storage is not None:
             m = storage.manifest(stage)
             entry["status"] = "has a manifest" if m else "to run"

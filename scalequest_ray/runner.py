@@ -1,42 +1,49 @@
-"""Runs one stage: skip if finished, otherwise build its dataset, write shards, commit a manifest.
+"""Runs one data stage: skip if finished, otherwise build its dataset and write it ONCE, kept rows
+to data/ and excluded rows to exclusions/ in the same pass, then commit a manifest.
+
+One pass: the stage's dataset goes through one Ray Data write (`SplitSink`): each write task
+splits its rows by `exclude_reason`, writes one data/ file and one exclusions/ file, and records
+in each file's Parquet footer its rows by reason, its generated tokens and the stage's own
+counters. The commit sums those footers; nothing is read back or recomputed.
 
 Exactly-once under failures, layer by layer:
 - a task or a replica actor dies (killed process, lost node): Ray Data retries the task and
   restarts the actor (its actor pools use max_restarts=-1, max_task_retries=-1) and the block is
-  recomputed; nothing is written twice because a block is written only once it is complete;
-- the driver dies mid-stage: stages that declare a resume id write their staging shards with
-  Ray Data's checkpointing (`DataContext.checkpoint_config`, id column, two-phase commit per
-  written file). Running the same command again keeps the committed shards, deletes files
-  whose commit never happened, and filters the already-written ids out at the read, so those
-  rows are not generated again. Stages without a resume id (grouping stages: dedup,
-  difficulty, selection) start over; they are the cheap CPU ones;
-- storage errors: pyarrow's S3 client retries requests, Ray retries failed write tasks, and
-  the manifest (the only commit a later stage trusts) is written after the row counts of data/
-  + exclusions/ were checked against what was staged.
+  recomputed; a retried write task writes the same file names again (they derive from the write
+  id and the task index), so nothing is written twice;
+- the driver dies mid-stage: stages that declare a resume id write with Ray Data's checkpointing
+  (`DataContext.checkpoint_config`, id column, two-phase commit per write task: pending ids
+  first, then the files, then the commit). Running the same command again keeps the committed
+  files, deletes the files of writes whose commit never happened (Ray Data matches them to
+  their pending checkpoints by file-name prefix), and filters the already-written ids out at
+  the read, so those rows are not generated again. Stages without a resume id (grouping stages:
+  dedup, difficulty, selection) start over; they are the cheap CPU ones;
+- storage errors: pyarrow's S3 client retries requests, each file write is retried on the
+  errors Ray Data retries, and the manifest (the only commit a later stage trusts) is written
+  after the row counts of data/ + exclusions/ were checked against what the writes returned.
 """
 
 from __future__ import annotations
 
+import json
+import posixpath
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .columns import REASON, TOKENS
 from .config import RunConfig
-from .storage import Storage
+from .stage import Stage, StageInput
+from .storage import STATS_KEY, Storage
 
-# Every stage's annotated dataset carries these two columns; the runner splits on the first and
-# sums the second for the summary line.
-REASON = "exclude_reason"
-TOKENS = "num_output_tokens"
+WORK = "_work"                # scratch a stage's build may write (e.g. the expanded requests)
+CHECKPOINTS = "_checkpoints"  # <root>/_checkpoints/<stage>: Ray Data's checkpoint of a stage's write
+STARTED = "_started.json"     # the config hash this attempt runs under
 
-STAGING = "_staging"        # everything the stage produced, before the kept/excluded split
-WORK = "_work"              # scratch a stage's build may write (e.g. the expanded requests)
-CHECKPOINT = "_checkpoint"  # Ray Data's checkpoint of the staging write (ids of committed rows)
-STARTED = "_started.json"   # the config hash this attempt runs under
-STAGED = "_staged.json"     # the staging write finished (a resumed run goes straight to the split)
+__all__ = ["REASON", "TOKENS", "WORK", "STARTED", "StageResult", "run_stage"]
 
 
 @dataclass
@@ -62,18 +69,109 @@ class StageResult:
         return line + f" -> {m['uri']}"
 
 
-def _rows(table: pa.Table, excluded: bool, private: tuple = ()) -> pa.Table:
-    mask = pc.is_valid(table[REASON]) if excluded else pc.is_null(table[REASON])
-    out = table.filter(mask).drop_columns([c for c in private if c in table.column_names])
-    return out if excluded else out.drop_columns([REASON])
+def file_stats(table: pa.Table, excluded: bool, tokens_column: Optional[str], counters) -> dict:
+    """What one written file holds, for its footer: rows by exclusion reason, generated tokens,
+    and the stage's own additive counters."""
+    stats: dict = {}
+    if excluded:
+        grouped = table.group_by(REASON).aggregate([(REASON, "count")])
+        stats["excluded_by_reason"] = dict(zip(grouped[REASON].to_pylist(), grouped[f"{REASON}_count"].to_pylist()))
+    if tokens_column and tokens_column in table.column_names:
+        stats["output_tokens"] = int(pc.sum(table[tokens_column].cast(pa.int64())).as_py() or 0)
+    if counters:
+        stats["counters"] = counters(table)
+    return stats
+
+
+def _jsonl(table: pa.Table) -> bytes:
+    # Rows from Arrow's own Python values: nulls stay null and integers stay integers (a pandas
+    # round trip would turn a null in an int column into NaN and the others into floats).
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in table.to_pylist()).encode()
+
+
+def _split_sink_class():
+    """SplitSink is built on Ray Data's Parquet datasink (imported here: this module is imported
+    by the CLI's Ray-free commands)."""
+    from ray._common.retry import call_with_retry
+    from ray.data._internal.datasource.parquet_datasink import (WRITE_FILE_MAX_ATTEMPTS,
+                                                                WRITE_FILE_RETRY_MAX_BACKOFF_SECONDS,
+                                                                ParquetDatasink)
+    from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource.filename_provider import _split_base_and_ext
+
+    class SplitSink(ParquetDatasink):
+        """A Parquet datasink with two outputs under the stage's folder: data/ (kept rows, without
+        the reason column) and exclusions/ (with it), plus jsonl/ of the kept rows on request.
+
+        Subclassing Ray's ParquetDatasink keeps what its writes are trusted for: rows bundled to
+        `min_rows_per_file` per task, and checkpointing's two-phase commit, whose recovery finds
+        a failed task's files under the sink's folder by the task's file-name prefix, the same
+        `<write id>_<task>` our data/ and exclusions/ files are named with."""
+
+        def __init__(self, path: str, filesystem, min_rows: int, private: tuple, tokens_column: Optional[str],
+                     counters, jsonl: bool):
+            import pyarrow.fs as pafs
+
+            super().__init__(path, filesystem=filesystem, min_rows_per_file=min_rows)
+            # (Ray wraps the filesystem it is given; whether folders must be made is decided here.)
+            self.local = isinstance(filesystem, pafs.LocalFileSystem)
+            self.private, self.tokens_column, self.counters, self.jsonl = private, tokens_column, counters, jsonl
+            self.rows_written = 0
+
+        def _put(self, sub: str, base: str, write) -> None:
+            folder = posixpath.join(self.path, sub)
+            if self.local:
+                self.filesystem.create_dir(folder, recursive=True)
+            call_with_retry(lambda: write(posixpath.join(folder, base)), description=f"write {sub}/{base}",
+                            match=self._data_context.retried_io_errors, max_attempts=WRITE_FILE_MAX_ATTEMPTS,
+                            max_backoff_s=WRITE_FILE_RETRY_MAX_BACKOFF_SECONDS)
+
+        def write(self, blocks, ctx) -> int:
+            import pyarrow.parquet as pq
+
+            tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+            if not tables:
+                return 0
+            table = pa.concat_tables(tables, promote_options="permissive")
+            table = table.drop_columns([c for c in self.private if c in table.column_names])
+            base, _ = _split_base_and_ext(self.filename_provider.get_filename_for_task(
+                ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx))
+            excluded = pc.is_valid(table[REASON])
+            kept = table.filter(pc.invert(excluded)).drop_columns([REASON])
+            for sub, part, is_excluded in (("data", kept, False), ("exclusions", table.filter(excluded), True)):
+                if part.num_rows == 0:
+                    continue
+                stats = file_stats(part, is_excluded, self.tokens_column, self.counters)
+                part = part.replace_schema_metadata({**(part.schema.metadata or {}), STATS_KEY: json.dumps(stats).encode()})
+                self._put(sub, base + ".parquet", lambda p, t=part: pq.write_table(t, p, filesystem=self.filesystem))
+            if self.jsonl and kept.num_rows:
+                data = _jsonl(kept)
+
+                def write_jsonl(p):
+                    with self.filesystem.open_output_stream(p) as f:
+                        f.write(data)
+
+                self._put("jsonl", base + ".jsonl", write_jsonl)
+            return table.num_rows
+
+        def on_write_complete(self, write_result) -> None:
+            # (the returns travel in a block, as numpy integers)
+            self.rows_written = int(sum(int(r or 0) for r in write_result.write_returns))
+
+    return SplitSink
 
 
 def checkpoint_config(storage: Storage, stage: str, id_column: str):
-    """Ray Data checkpointing for the staging write of `stage`, keyed by `id_column`."""
+    """Ray Data checkpointing for the write of `stage`, keyed by `id_column`. It lives outside the
+    stage's folder: checkpoint recovery deletes every file under the written folder whose name
+    starts like a pending checkpoint's, and that would include the pending checkpoints themselves."""
     from ray.data.checkpoint import CheckpointConfig
 
-    config = CheckpointConfig(id_column=id_column, checkpoint_path=storage.path(stage, CHECKPOINT),
-                              override_filesystem=storage.fs, delete_checkpoint_on_success=True)
+    # The runner deletes the checkpoint after the manifest is written: a driver that dies between
+    # the last write and the manifest then resumes with every id already committed.
+    config = CheckpointConfig(id_column=id_column, checkpoint_path=storage.path(CHECKPOINTS, stage),
+                              override_filesystem=storage.fs, delete_checkpoint_on_success=False)
     # On a resumed run every read gets a filter actor pool of 1 CPU each (up to 10 by default):
     # one actor filters millions of ids a second, and more would take CPUs from the engines
     # (with 2 reads on a 2-CPU cluster the default deadlocks).
@@ -82,107 +180,67 @@ def checkpoint_config(storage: Storage, stage: str, id_column: str):
 
 
 def committed_rows(storage: Storage, stage: str) -> int:
-    """Rows whose staging shard was committed by an earlier attempt (pending ones excluded)."""
-    files = [f for f in storage.parquet_files(storage.path(stage, CHECKPOINT)) if not f.endswith(".pending.parquet")]
+    """Rows whose write an earlier attempt committed (pending ones excluded)."""
+    files = [f for f in storage.parquet_files(storage.path(CHECKPOINTS, stage)) if not f.endswith(".pending.parquet")]
     return storage.count_rows(files)
 
 
-def _block_stats(table: pa.Table, tokens_column: Optional[str]) -> pa.Table:
-    """Per-block (reason, rows, tokens): a few rows per block, summed on the driver."""
-    tokens = table[tokens_column].cast(pa.int64()) if tokens_column else pa.array([0] * table.num_rows, pa.int64())
-    grouped = pa.table({
-        "reason": pc.fill_null(table[REASON], "kept"),
-        "tokens": pc.fill_null(tokens, 0),
-    }).group_by("reason").aggregate([("tokens", "count"), ("tokens", "sum")])
-    return pa.table({"reason": grouped["reason"], "rows": grouped["tokens_count"], "tokens": grouped["tokens_sum"]})
+def _clear(storage: Storage, stage: str) -> None:
+    storage.delete_dir(storage.path(stage))
+    storage.delete_dir(storage.path(CHECKPOINTS, stage))
 
 
-def run_stage(
-    cfg: RunConfig,
-    storage: Storage,
-    stage: str,
-    build: Callable[[], "object"],
-    upstream: Optional[str] = None,
-    force: bool = False,
-    tokens_column: Optional[str] = TOKENS,
-    finish: Optional[Callable[[], dict]] = None,
-    rows_in: Optional[int] = None,
-    resume_id: Optional[str] = None,
-    private_columns: tuple = (),
-) -> StageResult:
-    """`build()` returns a Ray Dataset with a REASON column (null = kept). `tokens_column`: the
-    column with the tokens THIS stage generated (None for stages that generate nothing).
-    `finish()` runs after data/ is written and before the manifest; its dict joins the manifest.
-    `resume_id`: a column that is unique per row from the stage's reads to its output; with it,
-    an interrupted attempt is continued (see the module docstring). `private_columns` are
-    dropped from data/ and exclusions/ (e.g. a resume id that is not part of the output)."""
-    import ray
+def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, force: bool = False) -> StageResult:
+    """Run `spec` on `given` (its input, upstream identity and rows in, worked out once by the
+    pipeline). `spec.build` returns a Ray Dataset with a REASON column (null = kept).
 
-    fingerprint = cfg.stage_fingerprint(stage, upstream)
+    With a resume id (the stage's own, unless its rows come from a user's file, where ids may
+    repeat), an interrupted attempt is continued (see the module docstring)."""
+    stage = spec.name
+    fingerprint = cfg.stage_fingerprint(stage, given.upstream)
     previous = storage.manifest(stage)
     if previous and previous.get("config_hash") == fingerprint and not force:
         return StageResult(stage, previous, skipped=True)
 
+    resume_id = None if given.from_user_file else spec.resume_id
     started_path = storage.path(stage, STARTED)
     before = storage.read_json(started_path) if storage.exists(started_path) else None
     resuming = bool(resume_id) and not force and previous is None and bool(before) \
         and before.get("config_hash") == fingerprint
-    if resuming:
-        for sub in ("data", "exclusions"):  # a split the driver did not finish
-            storage.delete_dir(storage.path(stage, sub))
-    else:
+    if not resuming:
         # Another config, or a stage that cannot resume: whatever is there is stale or half-written.
-        storage.delete_dir(storage.path(stage))
+        _clear(storage, stage)
         storage.write_json(started_path, {"config_hash": fingerprint, "started_at": time.time()})
     started = time.time()
-    staging = storage.path(stage, STAGING)
-    if resuming and storage.exists(storage.path(stage, STAGED)):
-        resumed_rows = storage.count_rows(storage.parquet_files(staging))
-    else:
-        resumed_rows = committed_rows(storage, stage) if resuming else 0
-        dataset = build()
-        if resume_id:
-            dataset.context.checkpoint_config = checkpoint_config(storage, stage, resume_id)
-        # Generation runs exactly once, into staging; the split below re-reads the shards, it
-        # does not re-run the engines.
-        dataset.write_parquet(staging, filesystem=storage.fs, min_rows_per_file=cfg.storage.rows_for(stage))
-        storage.write_json(storage.path(stage, STAGED), {"at": time.time()})
+    resumed_rows = committed_rows(storage, stage) if resuming else 0
 
-    staged_rows = storage.count_rows(storage.parquet_files(staging))
-    staged = ray.data.read_parquet(staging, filesystem=storage.fs)
-    for sub, excluded in (("data", False), ("exclusions", True)):
-        staged.map_batches(_rows, fn_kwargs={"excluded": excluded, "private": tuple(private_columns)},
-                           batch_format="pyarrow").write_parquet(
-            storage.path(stage, sub), filesystem=storage.fs, min_rows_per_file=cfg.storage.rows_for(stage)
-        )
-    by_reason: dict[str, int] = {}
-    tokens = 0
-    # One small row per (block, reason): driver memory grows with the number of blocks, not rows.
-    for row in staged.map_batches(_block_stats, fn_kwargs={"tokens_column": tokens_column},
-                                  batch_format="pyarrow").iter_rows():
-        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + int(row["rows"])
-        tokens += int(row["tokens"] or 0)
-    extra = finish() if finish else {}
+    dataset = spec.build(cfg, storage, given)
+    if resume_id:
+        dataset.context.checkpoint_config = checkpoint_config(storage, stage, resume_id)
+    sink = _split_sink_class()(storage.path(stage), storage.fs, cfg.storage.rows_for(stage), tuple(spec.private_columns),
+                               spec.tokens_column, spec.counters, bool(spec.jsonl and spec.jsonl(cfg)))
+    dataset.write_datasink(sink)
+
+    extra = spec.finish(cfg, storage) if spec.finish else {}
+    if sink.jsonl:
+        extra["jsonl_files"] = sorted(storage._rel(f) for f in storage.files(storage.path(stage, "jsonl")))
     manifest = storage.commit_stage(
         stage,
         fingerprint,
         started,
         {
             "uri": storage.uri(stage),
-            "upstream": upstream,
-            "excluded_by_reason": {k: v for k, v in by_reason.items() if k != "kept"},
-            "output_tokens": tokens,
-            "rows_in": rows_in,
+            "upstream": given.upstream,
+            "rows_in": given.rows_in,
             "resumed_rows": resumed_rows,
-            "rows_written": staged_rows - resumed_rows,
+            "rows_written": sink.rows_written,
             "config": getattr(cfg.stages, stage).model_dump(mode="json"),
             **extra,
         },
-        expect_rows=staged_rows,
+        expect_rows=resumed_rows + sink.rows_written,
     )
-    for scratch in (STAGING, WORK, CHECKPOINT):
-        storage.delete_dir(storage.path(stage, scratch))
-    for marker in (STARTED, STAGED):
-        if storage.exists(storage.path(stage, marker)):
-            storage.fs.delete_file(storage.path(stage, marker))
+    storage.delete_dir(storage.path(stage, WORK))
+    storage.delete_dir(storage.path(CHECKPOINTS, stage))
+    if storage.exists(started_path):
+        storage.fs.delete_file(started_path)
     return StageResult(stage, manifest, skipped=False)

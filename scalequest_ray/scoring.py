@@ -90,7 +90,7 @@ class Scorer:
         return scores
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from .chain import set_columns
+        from .columns import set_columns
 
         queries = [q or "" for q in table["query"].to_pylist()]
         responses = table["response"].to_pylist() if self.pairs else None

@@ -22,6 +22,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+# Parquet footer key under which the runner records a file's stats (rows by reason, tokens, counters).
+STATS_KEY = b"scalequest_ray.stats"
+
+
+def sum_counts(parts: list[dict]) -> dict:
+    """Sum nested dicts of counts ({"a": 1, "b": {"c": 2}} + ...) key by key."""
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            if isinstance(v, dict):
+                out[k] = sum_counts([out.get(k, {}), v])
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 class InputError(ValueError):
@@ -107,19 +121,34 @@ class Storage:
         if self.exists(path):
             self.fs.delete_dir(path)
 
-    def parquet_files(self, path: str) -> list[str]:
+    def files(self, path: str) -> list[str]:
         if not self.exists(path):
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+    def parquet_files(self, path: str) -> list[str]:
+        return [f for f in self.files(path) if f.endswith(".parquet")]
 
     def count_rows(self, files: list[str]) -> int:
         """Row count from Parquet footers only (no data read)."""
-        total = 0
-        for f in files:
+        return sum(rows for rows, _ in self.footers(files))
+
+    def footers(self, files: list[str]) -> list[tuple[int, dict]]:
+        """(rows, the stage's own stats) of each file, from its Parquet footer only. Footers are
+        fetched in parallel: on S3 each is a round trip, and a large stage has thousands."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(f: str) -> tuple[int, dict]:
             with self.fs.open_input_file(f) as fh:
-                total += pq.ParquetFile(fh).metadata.num_rows
-        return total
+                meta = pq.ParquetFile(fh).metadata
+            kv = meta.metadata or {}
+            return meta.num_rows, json.loads(kv[STATS_KEY]) if STATS_KEY in kv else {}
+
+        if len(files) < 8 or isinstance(self.fs, pafs.LocalFileSystem):
+            return [read(f) for f in files]
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(read, files))
 
     # stages --------------------------------------------------------------------------------
     def manifest(self, stage: str) -> Optional[dict]:
@@ -130,13 +159,16 @@ class Storage:
                      expect_rows: Optional[int] = None) -> dict:
         """Write the manifest after every shard is on storage; return it. With `expect_rows`,
         data/ + exclusions/ must hold exactly that many rows (read from the shards' footers as
-        listed now), or nothing is committed."""
+        listed now), or nothing is committed. The stats the runner wrote into each footer
+        (rows by reason, tokens, the stage's counters) are summed into the manifest."""
         data_files = self.parquet_files(self.path(stage, "data"))
         excl_files = self.parquet_files(self.path(stage, "exclusions"))
-        rows, excluded = self.count_rows(data_files), self.count_rows(excl_files)
+        data, excl = self.footers(data_files), self.footers(excl_files)
+        rows, excluded = sum(r for r, _ in data), sum(r for r, _ in excl)
         if expect_rows is not None and rows + excluded != expect_rows:
             raise RuntimeError(f"{stage}: data/ + exclusions/ hold {rows} + {excluded} rows, {expect_rows} were staged; "
                                "not committing the stage (run the same command again)")
+        stats = sum_counts([s for _, s in data + excl])
         manifest = {
             "stage": stage,
             "config_hash": fingerprint,
@@ -147,6 +179,9 @@ class Storage:
             "started_at": started,
             "finished_at": time.time(),
             "seconds": round(time.time() - started, 3),
+            "excluded_by_reason": stats.get("excluded_by_reason", {}),
+            "output_tokens": stats.get("output_tokens", 0),
+            **stats.get("counters", {}),
             **extra,
         }
         self.write_json(self.path(stage, MANIFEST), manifest)

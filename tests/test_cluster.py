@@ -89,12 +89,12 @@ def _assert_exactly_once(root: Path, n: int = NUM_Q):
     assert set(ids) == {f"tiny-{i:09d}" for i in range(n)}, "ids were lost"
     m = yaml.safe_load((root / "questions" / "_manifest.json").read_text())
     assert m["rows"] + m["excluded_rows"] == n
-    assert not (root / "questions" / "_staging").exists() and not (root / "questions" / "_checkpoint").exists()
+    assert not (root / "questions" / "_work").exists() and not (root / "_checkpoints" / "questions").exists()
     return m
 
 
 def _committed_shards(root: Path, stage: str = "questions") -> list[Path]:
-    ckpt = root / stage / "_checkpoint"
+    ckpt = root / "_checkpoints" / stage
     return [f for f in ckpt.glob("*.parquet") if not f.name.endswith(".pending.parquet")] if ckpt.exists() else []
 
 
@@ -170,7 +170,7 @@ def _questions_after_first_shard(tiny_model, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(_config(tiny_model, root)))
     thread, box = _run_in_thread(load_config(path))
-    _wait(lambda: list((root / "questions" / "_staging").glob("*.parquet")), 240, "a first shard")
+    _wait(lambda: list((root / "questions").glob("*/*.parquet")), 240, "a first shard")
     return root, thread, box
 
 

@@ -80,7 +80,7 @@ def test_manifest_is_written_after_every_shard(tiny_run):
         assert shards and all(s.stat().st_mtime <= manifest.stat().st_mtime for s in shards)
         listed = json.loads(manifest.read_text())["files"]
         assert sorted(str(s.relative_to(root)) for s in (root / stage / "data").glob("*.parquet")) == sorted(listed)
-        assert not (root / stage / "_staging").exists()
+        assert not (root / stage / "_work").exists() and not (root / "_checkpoints" / stage).exists()
 
 
 def test_rerun_skips_finished_stages_and_half_written_stage_reruns(tiny_run):
@@ -102,10 +102,11 @@ def test_rerun_skips_finished_stages_and_half_written_stage_reruns(tiny_run):
     new_questions = _read(root / "questions" / "data").sort_values("query_id").reset_index(drop=True)
     pd.testing.assert_series_equal(old_questions["query"], new_questions["query"])
     # The downstream stage depends on the upstream COMMIT, so it is due to rerun too.
+    from scalequest_ray.chain import resolve_input
     from scalequest_ray.storage import Storage
 
     recorded = json.loads((root / "responses" / "_manifest.json").read_text())["upstream"]
-    assert recorded.startswith("questions:") and pipeline._upstream(cfg, Storage(cfg.root), "responses") != recorded
+    assert recorded.startswith("questions:") and resolve_input(cfg, Storage(cfg.root), "responses").upstream != recorded
 
 
 def test_responses_from_user_file_with_bad_rows(tiny_run, tmp_path):

@@ -33,7 +33,8 @@ def test_pipeline_on_s3(tiny_model, ray_cluster, s3_server, tmp_path, capfd):
 
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="sq-runs", Prefix="exp1/")["Contents"]}
     assert {"exp1/questions/_manifest.json", "exp1/responses/_manifest.json"} <= keys
-    assert not any("_staging" in k for k in keys)
+    # The scratch of a finished run (expanded requests, Ray Data checkpoints) is gone.
+    assert not any("/_work/" in k or "/_checkpoints/" in k or k.endswith("_started.json") for k in keys)
     q_manifest = json.loads(s3.get_object(Bucket="sq-runs", Key="exp1/questions/_manifest.json")["Body"].read())
     r_manifest = json.loads(s3.get_object(Bucket="sq-runs", Key="exp1/responses/_manifest.json")["Body"].read())
     assert q_manifest["rows"] + q_manifest["excluded_rows"] == 24

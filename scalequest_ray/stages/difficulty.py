@@ -11,14 +11,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from ..chain import set_columns, stage_input, with_ids
+from ..columns import REASON, set_columns, with_ids
 from ..config import RunConfig
 from ..filters import stable_hash
-from ..runner import REASON
 from ..scoring import Scorer, actor_options
+from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
-TOKENS_COLUMN = None
 SCORE = "difficulty"
 
 
@@ -100,11 +99,10 @@ def _select(table: pa.Table, bins: int, per_generator: bool, ranges: Optional[di
     return set_columns(table, {REASON: pa.array(reasons, pa.string())})
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     dcfg = cfg.stages.difficulty
     model = cfg.models[dcfg.model]
-    uri, _ = stage_input(cfg, storage, "difficulty")
-    source = read_input(uri, cfg.storage.endpoint_url, required_column="query").map_batches(with_ids, batch_format="pyarrow")
+    source = read_input(given.uri, cfg.storage.endpoint_url, required_column="query").map_batches(with_ids, batch_format="pyarrow")
     scored = source.map_batches(
         Scorer, batch_format="pyarrow", **actor_options(model),
         fn_constructor_kwargs=dict(model_path=model.path, endpoint=cfg.storage.endpoint_url, out=SCORE, pairs=False,
@@ -131,3 +129,6 @@ def build(cfg: RunConfig, storage: Storage):
     return scored.map_batches(_select, batch_format="pyarrow", fn_kwargs=dict(
         bins=dcfg.histogram_bins, per_generator=dcfg.per_generator, ranges=ranges, cut=cut, probs=probs,
         target=dcfg.target_histogram, seed=cfg.seed))
+
+
+STAGE = Stage("difficulty", build, runs_on="scoring", tokens_column=None)

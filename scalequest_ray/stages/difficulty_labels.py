@@ -13,11 +13,11 @@ import pyarrow as pa
 from ..config import RunConfig
 from ..engine import build_llm, chat_sampling, keep_all
 from ..filters import answers_equal, gold_answer
-from ..runner import REASON, TOKENS
+from ..columns import REASON, TOKENS
+from ..stage import Stage, StageInput
 from ..storage import Storage
 from . import responses
 
-TOKENS_COLUMN = TOKENS
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
     ("query", pa.string()),
@@ -79,7 +79,7 @@ def _label(group: pd.DataFrame) -> pa.Table:
     }], schema=SCHEMA)
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     import ray
 
     from .seed_problems import _source_dataset
@@ -104,3 +104,6 @@ def build(cfg: RunConfig, storage: Storage):
     partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
     labels = graded.groupby("query_id", num_partitions=partitions).map_groups(_label, batch_format="pandas")
     return labels.union(problems.map_batches(_excluded, batch_format="pandas"))
+
+
+STAGE = Stage("difficulty_labels", build, runs_on="engine", unit="labelled problems")

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..chain import set_columns, stage_input, with_ids
+from ..columns import REASON, set_columns, with_ids
 from ..config import RunConfig
 from ..filters import language_reason
-from ..runner import REASON
+from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
-
-TOKENS_COLUMN = None  # generates nothing
-RESUME_ID = "query_id"  # unique per row of this stage's own upstream (see runner)
 
 
 def _filter(table: pa.Table, opts: dict) -> pa.Table:
@@ -23,9 +20,11 @@ def _filter(table: pa.Table, opts: dict) -> pa.Table:
     return set_columns(table, {REASON: pa.array(reasons, pa.string())})
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     lcfg = cfg.stages.language
-    uri, _ = stage_input(cfg, storage, "language")
     opts = lcfg.model_dump(exclude={"input"})
-    return read_input(uri, cfg.storage.endpoint_url, required_column="query").map_batches(
+    return read_input(given.uri, cfg.storage.endpoint_url, required_column="query").map_batches(
         _filter, batch_format="pyarrow", fn_kwargs={"opts": opts})
+
+
+STAGE = Stage("language", build, resume_id="query_id", tokens_column=None)

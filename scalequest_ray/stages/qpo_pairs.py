@@ -26,7 +26,8 @@ from ..config import RunConfig
 from ..engine import build_llm, chat_sampling, engine_result, keep_all
 from ..generation import generate_questions
 from ..prompts import OPTIMIZER_PROMPTS, REWRITE_MARKER
-from ..runner import REASON, TOKENS
+from ..columns import REASON, TOKENS
+from ..stage import Stage, StageInput
 from ..storage import InputError, Storage
 from ..text import choose_direction, parse_rewrite
 
@@ -183,7 +184,7 @@ def _http_rewrites(cfg: RunConfig, questions, prefix: str):
                                             fn_kwargs=dict(prefix=prefix, optimizer=f"{h.base_url}:{h.model}"))
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     pcfg = cfg.stages.qpo_pairs
     if pcfg.optimizer_http:
         _api_key(cfg)  # fail before any engine starts
@@ -196,3 +197,6 @@ def build(cfg: RunConfig, storage: Storage):
     rewrites = (_http_rewrites if pcfg.optimizer_http else _vllm_rewrites)(cfg, questions, prefix)
     failed = generated.map_batches(_failed_questions, batch_format="pandas", fn_kwargs={"prefix": prefix})
     return rewrites.union(failed)
+
+
+STAGE = Stage("qpo_pairs", build, runs_on="engine", unit="pairs")

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..generation import generate_questions
+from ..stage import Stage, StageInput
 from ..storage import Storage
 
-RESUME_ID = "id"  # numbers the rows over all generators; dropped from the output
-PRIVATE_COLUMNS = ("id",)
 
-
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     qcfg = cfg.stages.questions
     parts, offset = [], 0
     for gen in qcfg.generators:
@@ -23,3 +21,7 @@ def build(cfg: RunConfig, storage: Storage):
                                         qcfg.min_chars, offset=offset)[0])
         offset += gen.num_questions
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+# `id` numbers the rows over all generators: the resume id, dropped from the output.
+STAGE = Stage("questions", build, runs_on="engine", resume_id="id", private_columns=("id",))

@@ -9,16 +9,16 @@ shares the question's KV cache between the n requests, which is what `n` would h
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pandas as pd
 import pyarrow as pa
 
-from ..chain import stage_input
 from ..config import RunConfig
 from ..engine import GENERATION_FIELDS, build_llm, chat_sampling, engine_result, keep_all
-from ..runner import REASON, TOKENS, WORK
+from ..columns import REASON, TOKENS, stable_query_id
+from ..runner import WORK
+from ..stage import Stage, StageInput
 from ..storage import InputError, Storage, read_input
 from ..text import derive_seed, extract_answer, solver_user_text
 
@@ -35,10 +35,6 @@ SCHEMA = pa.schema([
 ])
 
 
-def stable_query_id(query: str) -> str:
-    return "q-" + hashlib.sha1(query.encode()).hexdigest()[:16]
-
-
 def normalize(batch: pd.DataFrame, max_query_chars: int) -> pd.DataFrame:
     """Give every input row a query_id and a reason if it must not reach the engine."""
     queries = batch["query"].map(lambda q: q if isinstance(q, str) else ("" if q is None else str(q)))
@@ -52,8 +48,6 @@ def normalize(batch: pd.DataFrame, max_query_chars: int) -> pd.DataFrame:
     ]
     return pd.DataFrame({"query_id": ids, "query": queries, REASON: reasons})
 
-
-RESUME_ID = "response_id"
 
 
 def _excluded_inputs(batch: pd.DataFrame, solver: str) -> pa.Table:
@@ -104,7 +98,7 @@ def finalize(batch: pd.DataFrame, solver: str, sampling: dict, stop_ids: list, m
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     import ray
     from ray.data.expressions import col
 
@@ -116,10 +110,9 @@ def build(cfg: RunConfig, storage: Storage):
     # `response_id`) needs; a question's n candidates may land in different blocks.
     work, done = storage.path("responses", WORK, "requests"), storage.path("responses", WORK, "_done.json")
     if not storage.exists(done):
-        uri, _ = stage_input(cfg, storage, "responses")
-        source = read_input(uri, cfg.storage.endpoint_url, required_column="query")
+        source = read_input(given.uri, cfg.storage.endpoint_url, required_column="query")
         if source.count() == 0:
-            raise InputError(f"input {uri} has no rows")
+            raise InputError(f"input {given.uri} has no rows")
         storage.delete_dir(work)
         source.map_batches(normalize, batch_format="pandas", fn_kwargs={"max_query_chars": rcfg.max_query_chars}) \
             .map_batches(_expand, batch_format="pandas", fn_kwargs={"n": rcfg.n, "run_seed": cfg.seed}) \
@@ -134,3 +127,6 @@ def build(cfg: RunConfig, storage: Storage):
         fn_kwargs=dict(solver=model.path, sampling=sampling, stop_ids=stops, max_model_len=model.engine.max_model_len),
     )
     return generated.union(rejected)
+
+
+STAGE = Stage("responses", build, runs_on="engine", resume_id="response_id", unit="candidates")

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..chain import set_columns, stage_input, with_ids
+from ..columns import REASON, set_columns, with_ids
 from ..config import RunConfig
-from ..runner import REASON
 from ..scoring import Scorer, actor_options
+from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
-
-TOKENS_COLUMN = None
-RESUME_ID = "response_id"  # unique per row of this stage's own upstream (see runner)
 
 
 def _mark(table: pa.Table, model_path: str) -> pa.Table:
@@ -24,11 +21,10 @@ def _mark(table: pa.Table, model_path: str) -> pa.Table:
                                "reward_model": pa.array([model_path] * table.num_rows, pa.string())})
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     rcfg = cfg.stages.reward
     model = cfg.models[rcfg.model]
-    uri, _ = stage_input(cfg, storage, "reward")
-    source = read_input(uri, cfg.storage.endpoint_url, required_column=["query", "response"])
+    source = read_input(given.uri, cfg.storage.endpoint_url, required_column=["query", "response"])
     return source.map_batches(with_ids, batch_format="pyarrow").map_batches(
         Scorer, batch_format="pyarrow", **actor_options(model),
         fn_constructor_kwargs=dict(model_path=model.path, endpoint=cfg.storage.endpoint_url, out="reward", pairs=True,
@@ -36,3 +32,6 @@ def build(cfg: RunConfig, storage: Storage):
                                    trust_remote_code=model.engine.trust_remote_code,
                                    threads=max(1, int(model.scale.cpus_per_replica))),
     ).map_batches(_mark, batch_format="pyarrow", fn_kwargs={"model_path": model.path})
+
+
+STAGE = Stage("reward", build, runs_on="scoring", resume_id="response_id", tokens_column=None, unit="candidates")

@@ -17,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 
 from ..config import RunConfig, SeedSource
-from ..runner import REASON, TOKENS
+from ..columns import REASON, TOKENS
+from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
 SCHEMA = pa.schema([
@@ -106,7 +107,7 @@ def _mark_duplicates(group: pd.DataFrame) -> pd.DataFrame:
     return group
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     scfg = cfg.stages.seed_problems
     parts = []
     for src in scfg.sources:
@@ -121,3 +122,6 @@ def build(cfg: RunConfig, storage: Storage):
     partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))  # the default 200 is for big clusters
     return ds.groupby("query_id", num_partitions=partitions).map_groups(_mark_duplicates, batch_format="pandas").map_batches(
         lambda t: pa.Table.from_pandas(t, schema=SCHEMA, preserve_index=False), batch_format="pandas")
+
+
+STAGE = Stage("seed_problems", build, unit="seed problems")

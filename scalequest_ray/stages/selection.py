@@ -9,13 +9,12 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 
-from ..chain import stage_input
+from ..columns import REASON
 from ..config import RunConfig
 from ..filters import majority
-from ..runner import REASON
+from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
-TOKENS_COLUMN = None
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
     ("query", pa.string()),
@@ -67,12 +66,11 @@ def select(group: pd.DataFrame, require_majority: bool, min_reward, min_agreemen
     }], schema=SCHEMA)
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     import ray
 
     scfg = cfg.stages.selection
-    uri, _ = stage_input(cfg, storage, "selection")
-    source = read_input(uri, cfg.storage.endpoint_url, required_column=["query_id", "query", "response", "reward"])
+    source = read_input(given.uri, cfg.storage.endpoint_url, required_column=["query_id", "query", "response", "reward"])
     if "answer" not in source.schema().names:
         source = source.add_column("answer", lambda df: pd.Series([None] * len(df), dtype=object))
     partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
@@ -82,18 +80,5 @@ def build(cfg: RunConfig, storage: Storage):
                        min_agreement=scfg.min_agreement))
 
 
-def finish(cfg: RunConfig, storage: Storage) -> dict:
-    """The final dataset as JSONL too (Ray Data's writer, one file per block, no driver copy)."""
-    import ray
-
-    if not cfg.stages.selection.jsonl:
-        return {}
-    out = storage.path("selection", "jsonl")
-    ray.data.read_parquet(storage.path("selection", "data"), filesystem=storage.fs).write_json(out, filesystem=storage.fs)
-    return {"jsonl_files": sorted(storage._rel(i.path) for i in _files(storage, out))}
-
-
-def _files(storage: Storage, path: str):
-    import pyarrow.fs as pafs
-
-    return [i for i in storage.fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+# The final dataset is also written as JSON Lines (one file per write task, in the same pass).
+STAGE = Stage("selection", build, tokens_column=None, jsonl=lambda cfg: cfg.stages.selection.jsonl)

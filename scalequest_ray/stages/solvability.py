@@ -8,18 +8,16 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 
-from ..chain import stage_input, with_ids
+from ..columns import REASON, set_columns, with_ids
 from ..config import RunConfig
 from ..engine import build_llm, chat_sampling, engine_result, keep_all
 from ..filters import parse_verdict
-from ..runner import REASON
+from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
 TOKENS_COLUMN = "judge_output_tokens"
 NEW_FIELDS = [("solvable", pa.bool_()), ("judgement", pa.string()), (TOKENS_COLUMN, pa.int64()),
               ("judge_model", pa.string()), (REASON, pa.string())]
-
-RESUME_ID = "query_id"  # unique per row of this stage's own upstream (see runner)
 
 
 def output_schema(input_schema: pa.Schema) -> pa.Schema:
@@ -31,8 +29,6 @@ def output_schema(input_schema: pa.Schema) -> pa.Schema:
 
 
 def _prepare(table: pa.Table, max_query_chars: int) -> pa.Table:
-    from ..chain import set_columns
-
     table = with_ids(table)
     reasons = ["empty_query" if not (q or "").strip() else "query_too_long" if len(q) > max_query_chars else None
                for q in table["query"].to_pylist()]
@@ -69,13 +65,12 @@ def _excluded(table: pa.Table, schema: pa.Schema, judge: str) -> pa.Table:
     return pa.Table.from_pylist([{**r, TOKENS_COLUMN: 0, "judge_model": judge} for r in bad], schema=schema)
 
 
-def build(cfg: RunConfig, storage: Storage):
+def build(cfg: RunConfig, storage: Storage, given: StageInput):
     import pyarrow.compute as pc
 
     scfg = cfg.stages.solvability
     model = cfg.models[scfg.model]
-    uri, _ = stage_input(cfg, storage, "solvability")
-    source = read_input(uri, cfg.storage.endpoint_url, required_column="query")
+    source = read_input(given.uri, cfg.storage.endpoint_url, required_column="query")
     schema = output_schema(source.schema().base_schema)
     turn, stops, sampling = chat_sampling(model, scfg.sampling, cfg.storage.endpoint_url)
     prepared = source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"max_query_chars": scfg.max_query_chars})
@@ -89,24 +84,13 @@ def build(cfg: RunConfig, storage: Storage):
     return judged.union(rejected)
 
 
-def _verdict_counts(table: pa.Table) -> pa.Table:
+def verdict_counts(table: pa.Table) -> dict:
+    """How the judge answered, over kept AND dropped rows (summed from each written file): with
+    `on_unparseable: keep` the replies without a verdict are kept, and this is where their number
+    shows. Rows excluded before judging (empty, too long) have no verdict either."""
     values = table["solvable"].to_pylist()
-    return pa.table({"yes": [values.count(True)], "no": [values.count(False)], "none": [values.count(None)]})
+    return {"verdicts": {"yes": values.count(True), "no": values.count(False), "unparseable": values.count(None)}}
 
 
-def finish(cfg: RunConfig, storage: Storage) -> dict:
-    """How the judge answered, over kept AND dropped rows: with `on_unparseable: keep` the
-    replies without a verdict are kept, and this is where their number shows."""
-    import ray
-
-    counts = {"yes": 0, "no": 0, "unparseable": 0}
-    for sub in ("data", "exclusions"):
-        if not storage.parquet_files(storage.path("solvability", sub)):
-            continue
-        ds = ray.data.read_parquet(storage.path("solvability", sub), filesystem=storage.fs, columns=["solvable", REASON]
-                                   if sub == "exclusions" else ["solvable"])
-        for row in ds.map_batches(_verdict_counts, batch_format="pyarrow").iter_rows():
-            counts["yes"] += row["yes"]
-            counts["no"] += row["no"]
-            counts["unparseable"] += row["none"]
-    return {"verdicts": counts}
+STAGE = Stage("solvability", build, runs_on="engine", resume_id="query_id", tokens_column=TOKENS_COLUMN,
+              counters=verdict_counts)
