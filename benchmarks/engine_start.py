@@ -3,8 +3,8 @@ from the engine's own log lines (Ray's session logs) and from the driver's clock
 
 Phases: driver (tokenizer + chat template, Ray Data plan) -> replica actor up (process start and
 imports, up to the engine's first log line) -> EngineCore process (spawned; imports vLLM and
-torch again) -> worker process (spawned by vLLM's multiprocessing executor, which vLLM forces on
-CPU; imports again) -> weights loaded -> KV cache + warm-up -> first batch through to the
+torch again) -> model runner (with vLLM's multiprocessing executor, which vLLM picks on CPU, a third
+process that imports everything again; see engine.cpu_engine_env) -> weights loaded -> KV cache + warm-up -> first batch through to the
 committed manifest.
 
     python benchmarks/engine_start.py [--model PATH] [--rows 8]
@@ -67,7 +67,7 @@ def main():
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     cfg = RunConfig.model_validate({
         "name": "start", "root": args.root,
-        "models": {"m": {"path": args.model, "engine": {"max_model_len": 1024, "cpu_kv_cache_gib": 1}}},
+        "models": {"m": {"path": args.model, "engine": {"max_model_len": 1024, "cpu_kv_cache_gib": 1, "max_num_seqs": 64}}},
         "stages": {"questions": {"generators": [{"name": "g", "model": "m", "num_questions": args.rows}],
                                  "sampling": {"max_tokens": 32}}},
         "pipeline": ["questions"],
@@ -88,7 +88,7 @@ def main():
         ("driver: tokenizer + chat template (measured alone)", tokenizer_s),
         ("stage start -> replica actor's first engine log (actor process, imports)", at("actor") and at("actor") - start),
         ("-> EngineCore process up (spawned, imports vLLM/torch)", at("engine_core") and at("actor") and at("engine_core") - at("actor")),
-        ("-> worker process up (vLLM's multiprocessing executor, forced on CPU)", at("worker") and at("engine_core") and at("worker") - at("engine_core")),
+        ("-> model runner up (a third process only with vLLM's multiprocessing executor)", at("worker") and at("engine_core") and at("worker") - at("engine_core")),
         ("   weights loaded (vLLM's own figure)", ev.get("weights", (0, None))[1]),
         ("   KV cache + profile + warm-up (vLLM's own figure)", ev.get("init", (0, None))[1]),
         ("engine ready -> manifest (first batch, generation, writes, commit)", at("init") and end - at("init")),
