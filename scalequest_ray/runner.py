@@ -34,7 +34,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .columns import REASON, TOKENS
+from .columns import REASON
 from .config import RunConfig
 from .stage import Stage, StageInput
 from .storage import STATS_KEY, Storage
@@ -43,7 +43,6 @@ WORK = "_work"                # scratch a stage's build may write (e.g. the expa
 CHECKPOINTS = "_checkpoints"  # <root>/_checkpoints/<stage>: Ray Data's checkpoint of a stage's write
 STARTED = "_started.json"     # the config hash this attempt runs under
 
-__all__ = ["REASON", "TOKENS", "WORK", "STARTED", "StageResult", "run_stage"]
 
 
 @dataclass

@@ -224,6 +224,31 @@ def test_no_manifest_over_missing_shards(tmp_path):
     assert storage.commit_stage("s", "abc", time.time(), {}, expect_rows=3)["rows"] == 3
 
 
+def test_commit_sums_the_stats_each_file_carries_in_its_footer(tmp_path):
+    """The one-pass runner's bookkeeping: each written file records its rows by reason, tokens
+    and the stage's counters in its footer; the commit sums them without reading any row."""
+    from scalequest_ray.runner import file_stats
+    from scalequest_ray.storage import STATS_KEY, sum_counts
+
+    storage = Storage(str(tmp_path / "root"))
+    table = pa.table({"q": ["a", "b", "c", "d"], "exclude_reason": [None, "empty", "empty", "code"],
+                      "tok": [3, 1, None, 5], "ok": [True, None, False, True]})
+    counters = lambda t: {"verdicts": {"yes": t["ok"].to_pylist().count(True)}}  # noqa: E731
+    kept, dropped = table.slice(0, 1).drop_columns(["exclude_reason"]), table.slice(1)
+    assert file_stats(dropped, True, "tok", counters) == {
+        "excluded_by_reason": {"empty": 2, "code": 1}, "output_tokens": 6, "counters": {"verdicts": {"yes": 1}}}
+    for sub, part, excluded in (("data", kept, False), ("exclusions", dropped, True)):
+        path = Path(storage.path("s", sub, "part-0.parquet"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stats = file_stats(part, excluded, "tok", counters)
+        pq.write_table(part.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()}), path)
+    m = storage.commit_stage("s", "abc", time.time(), {}, expect_rows=4)
+    assert (m["rows"], m["excluded_rows"]) == (1, 3)
+    assert m["excluded_by_reason"] == {"empty": 2, "code": 1}
+    assert m["output_tokens"] == 9 and m["verdicts"] == {"yes": 2}
+    assert sum_counts([{"a": 1, "b": {"c": 2}}, {"a": 2, "b": {"c": 1, "d": 4}}]) == {"a": 3, "b": {"c": 3, "d": 4}}
+
+
 def test_per_stage_shard_sizes(tmp_path):
     cfg = _load(tmp_path, _demo_raw(tmp_path), ["storage.stage_rows_per_file={responses: 20000}"])
     assert cfg.storage.rows_for("responses") == 20000 and cfg.storage.rows_for("questions") == cfg.storage.rows_per_file
