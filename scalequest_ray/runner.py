@@ -184,9 +184,16 @@ def committed_rows(storage: Storage, stage: str) -> int:
     return storage.count_rows(files)
 
 
+def _drop_checkpoint(storage: Storage, stage: str) -> None:
+    storage.delete_dir(storage.path(CHECKPOINTS, stage))
+    # On S3 the checkpoint writer leaves a folder marker for _checkpoints/ itself.
+    if not storage.files(storage.path(CHECKPOINTS)):
+        storage.delete_dir(storage.path(CHECKPOINTS))
+
+
 def _clear(storage: Storage, stage: str) -> None:
     storage.delete_dir(storage.path(stage))
-    storage.delete_dir(storage.path(CHECKPOINTS, stage))
+    _drop_checkpoint(storage, stage)
 
 
 def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, force: bool = False) -> StageResult:
@@ -239,7 +246,7 @@ def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, 
         expect_rows=resumed_rows + sink.rows_written,
     )
     storage.delete_dir(storage.path(stage, WORK))
-    storage.delete_dir(storage.path(CHECKPOINTS, stage))
+    _drop_checkpoint(storage, stage)
     if storage.exists(started_path):
         storage.fs.delete_file(started_path)
     return StageResult(stage, manifest, skipped=False)
