@@ -4,7 +4,7 @@ from the engine's own log lines (Ray's session logs) and from the driver's clock
 Phases: driver (tokenizer + chat template, Ray Data plan) -> replica actor up (process start and
 imports, up to the engine's first log line) -> EngineCore process (spawned; imports vLLM and
 torch again) -> model runner (with vLLM's multiprocessing executor, which vLLM picks on CPU, a third
-process that imports everything again; see the note in engine.build_llm) -> weights loaded -> KV cache + warm-up -> first batch through to the
+process that imports everything again; see engine.cpu_engine_env) -> weights loaded -> KV cache + warm-up -> first batch through to the
 committed manifest.
 
     python benchmarks/engine_start.py [--model PATH] [--rows 8]

@@ -70,6 +70,23 @@ def engine_kwargs(model: ModelConfig) -> dict:
     return kwargs
 
 
+def cpu_engine_env(model: ModelConfig) -> dict:
+    """Environment of a CPU replica's engine.
+
+    vLLM picks its multiprocessing executor on CPU, so every engine start spawned a model-runner
+    process that imports vLLM and torch again (~15 s on 2 cores; benchmarks/engine_start.py);
+    the engine core is already a process of its own (AsyncLLM spawns it). With
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 vLLM keeps the uniprocess executor and the model runs
+    inside the engine core: the tiny model's questions stage went from 90 s to 62 s, and the
+    demo's SmolLM2 questions stage generated no slower (16.8 tok/s, against 14.8 with the
+    multiprocessing executor, one run each). Its compute threads are then torch's, so
+    OMP_NUM_THREADS keeps a replica within the CPUs it holds in Ray (the multiprocessing
+    executor's own thread binding gave it one core here as well)."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(model.engine.cpu_kv_cache_gib),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "OMP_NUM_THREADS": str(max(1, int(model.scale.cpus_per_replica)))}
+
+
 def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s3_endpoint: Optional[str] = None):
     """A Ray Data LLM processor: preprocess -> vLLM actor pool -> postprocess.
 
@@ -91,12 +108,7 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s
         if on_gpu:
             bundle["GPU"] = s.gpus_per_replica
         placement = {"bundles": [bundle]}
-    # On CPU vLLM picks its multiprocessing executor, so each replica start spawns a third
-    # process that imports vLLM and torch again (~15 s on 2 cores, benchmarks/engine_start.py).
-    # VLLM_ENABLE_V1_MULTIPROCESSING=0 (the uniprocess executor inside the engine core) removes
-    # it, but SmolLM2 then generated at a third of the speed (16.8 against 49.7 tok/s in the
-    # demo's questions stage), so CPU replicas keep vLLM's default.
-    env = {} if on_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(model.engine.cpu_kv_cache_gib)}
+    env = {} if on_gpu else cpu_engine_env(model)
     endpoint = endpoint_url(s3_endpoint)
     if model.path.startswith("s3://") and endpoint:
         # Ray Data LLM downloads s3:// models itself (tokenizer files on the driver, weights on
