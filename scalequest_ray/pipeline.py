@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from .chain import resolve_input
 from .config import CHAIN, TRAINING_STAGES, ConfigError, RunConfig
 from .runner import run_stage
-from .stage import StageInput
 from .stages import registry
 from .storage import InputError, Storage, read_input
 
@@ -86,8 +86,7 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
             continue
         given = resolve_input(cfg, storage, stage)
         if trained:  # the exported models it uses are part of what it depends on
-            given = StageInput(given.uri, "|".join(filter(None, [given.upstream, *trained])), given.rows_in,
-                               given.from_user_file)
+            given = replace(given, upstream="|".join(filter(None, [given.upstream, *trained])))
         result = run_stage(cfg, storage, specs[stage], given, force=force)
         echo(result.summary())
         results.append(result)
