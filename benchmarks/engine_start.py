@@ -61,13 +61,17 @@ def main():
     ap.add_argument("--model", default=str(demo_model_dir()))
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--root", default="/tmp/sq-engine-start")
+    # Every CPU config runs eager (configs/demo.yaml, the tests); without it vLLM compiles the
+    # model with inductor on CPU, 10-17 s per engine start here.
+    ap.add_argument("--compile", action="store_true", help="let vLLM compile (enforce_eager off)")
     args = ap.parse_args()
     shutil.rmtree(args.root, ignore_errors=True)
     ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False)
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     cfg = RunConfig.model_validate({
         "name": "start", "root": args.root,
-        "models": {"m": {"path": args.model, "engine": {"max_model_len": 1024, "cpu_kv_cache_gib": 1, "max_num_seqs": 64}}},
+        "models": {"m": {"path": args.model, "engine": {"max_model_len": 1024, "cpu_kv_cache_gib": 1, "max_num_seqs": 64,
+                                                        "enforce_eager": not args.compile}}},
         "stages": {"questions": {"generators": [{"name": "g", "model": "m", "num_questions": args.rows}],
                                  "sampling": {"max_tokens": 32}}},
         "pipeline": ["questions"],

@@ -2,10 +2,18 @@
 filters, dedup, solvability, difficulty labels -> scorer -> scoring, responses, reward,
 selection; the funnel; re-runs skip; a deleted manifest re-runs that stage and those after it.
 
-The run root AND the inputs are on the moto S3 server (127.0.0.1): the full run against S3 is
-the storage test, and local storage is covered by the other integration and e2e tests."""
+The run root, the inputs AND the generator model are on the moto S3 server (127.0.0.1): the full
+run against S3 is the storage test (Ray Data LLM and Ray Train download the model themselves;
+the secret key never reaches outputs or logs), and local storage is covered by the other
+integration and e2e tests."""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -13,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CHAIN_QUESTIONS, full_config, write_chain_inputs
+from conftest import CHAIN_QUESTIONS, S3_SECRET, full_config, write_chain_inputs
 from scalequest_ray import pipeline
 from scalequest_ray.config import load_config
 from scalequest_ray.storage import Storage, storage_options
@@ -43,6 +51,27 @@ class Root:
         return dict(zip(df["query_id"], df["exclude_reason"]))
 
 
+@contextlib.contextmanager
+def captured_fds(path: Path):
+    """stdout and stderr at the file-descriptor level (Ray's and the engine's lines too) into
+    `path`: what capfd does for one test, for a module fixture."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model, tiny_reward, ray_cluster, s3_server):
     import boto3
@@ -53,14 +82,19 @@ def full_run(tmp_path_factory, tiny_model, tiny_reward, ray_cluster, s3_server):
     s3.create_bucket(Bucket="sq-full")
     for f in (questions, bench):
         s3.upload_file(str(f), "sq-full", f"inputs/{f.name}")
-    cfg = full_config(tiny_model, tiny_reward, "s3://sq-full/run", f"s3://sq-full/inputs/{questions.name}",
+    s3.create_bucket(Bucket="sq-models")
+    for f in tiny_model.iterdir():
+        s3.upload_file(str(f), "sq-models", f"tiny/{f.name}")
+    cfg = full_config("s3://sq-models/tiny", tiny_reward, "s3://sq-full/run", f"s3://sq-full/inputs/{questions.name}",
                       f"s3://sq-full/inputs/{bench.name}")
     cfg["storage"]["endpoint_url"] = s3_server
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     lines: list[str] = []
-    results = pipeline.run(load_config(path), echo=lines.append)
-    return path, Root("s3://sq-full/run", s3_server), results, lines
+    console = work / "console.txt"
+    with captured_fds(console):
+        results = pipeline.run(load_config(path), echo=lines.append)
+    return path, Root("s3://sq-full/run", s3_server), results, lines + [console.read_text(errors="replace")]
 
 
 def test_filters_drop_with_reasons(full_run):
@@ -150,3 +184,37 @@ def test_rerun_skips_and_deleted_manifest_reruns_from_there(full_run):
     after = {s: root.manifest(s)["finished_at"] for s in STAGES}
     rerun = [s for s in STAGES if after[s] != before[s]]
     assert rerun == ["reward", "selection"]
+
+
+def test_run_root_on_s3_is_clean_readable_and_keeps_the_secret(full_run, s3_server, tmp_path):
+    import boto3
+    import datasets
+
+    _, root, results, console = full_run
+    assert not any(r.skipped for r in results if hasattr(r, "skipped"))
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="sq-full", Prefix="run/")
+            for o in page.get("Contents", [])}
+    assert {f"run/{s}/_manifest.json" for s in STAGES} <= keys
+    # The scratch of a finished run (expanded requests, Ray Data checkpoints) is gone.
+    assert not any("/_work/" in k or "/_checkpoints/" in k or k.endswith("_started.json") for k in keys)
+    responses = root.manifest("responses")
+    assert {f"run/{f}" for f in responses["files"]} <= keys
+
+    # Users read the output with the `datasets` library straight from S3.
+    ds = datasets.load_dataset(
+        "parquet", data_files="s3://sq-full/run/responses/data/*.parquet",
+        storage_options=storage_options(s3_server), split="train", cache_dir=str(tmp_path / "hf"),
+    )
+    assert len(ds) == responses["rows"] > 0
+    assert {"query_id", "sample_idx", "query", "response", "answer", "finish_reason"} <= set(ds.column_names)
+    assert len(set(zip(ds["query_id"], ds["sample_idx"]))) == len(ds)
+    assert set(ds["solver_model"]) == {"s3://sq-models/tiny"}  # the model was read from S3
+
+    # The secret key never reaches outputs or logs.
+    assert any("[responses] done" in line for line in console)
+    assert not any(S3_SECRET in line for line in console)
+    for key in keys:
+        if key.endswith((".json", ".jsonl")):
+            assert S3_SECRET not in s3.get_object(Bucket="sq-full", Key=key)["Body"].read().decode()
+    assert all(S3_SECRET not in json.dumps(r.manifest if hasattr(r, "manifest") else r) for r in results)

@@ -137,7 +137,12 @@ def test_missing_api_key_is_a_clear_error(tiny_model, ray_cluster, tmp_path, mon
 
 
 def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_path, fake_openai, monkeypatch):
-    """seed problems -> QFT -> QPO pairs (HTTP optimizer) -> DPO -> questions from the QPO model."""
+    """seed problems -> QFT (DeepSpeed ZeRO-3 over gloo, the GPU config's setting, on CPU workers:
+    the sharded weights are gathered for the export) -> QPO pairs from the QFT model through vLLM
+    (HTTP optimizer) -> DPO -> questions from the QPO model. A rerun skips every stage."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     monkeypatch.setenv("SQ_TEST_OPTIMIZER_KEY", API_KEY)
     engine = {"max_model_len": 1024, "enforce_eager": True, "cpu_kv_cache_gib": 1}
     train = {"model": "tiny", "workers": 2, "per_device_batch_size": 2, "save_steps": 100, "max_length": 128}
@@ -150,7 +155,9 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
         },
         "stages": {
             "seed_problems": {},
-            "qft": {**train, "batch_size": 8, "max_examples": 32, "learning_rate": 1e-4},
+            # One checkpoint (step 8): ZeRO-3's save goes through Ray Train's report once.
+            "qft": {**train, "deepspeed": "zero3", "batch_size": 8, "per_device_batch_size": 4, "max_examples": 64,
+                    "learning_rate": 1e-3, "save_steps": 8},
             "qpo_pairs": {"generator": "qft", "num_questions": 24, "min_chars": 1, "sampling": {"max_tokens": 64},
                           "optimizer_http": {"base_url": fake_openai, "model": "fake", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
                                              "qps": 50, "retry_wait_s": 0.05}},
@@ -164,6 +171,25 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
     path.write_text(yaml.safe_dump(raw))
     results = pipeline.run(load_config(path))
     root = Path(raw["root"])
+
+    # QFT under ZeRO-3: trained, exported as a plain HF checkpoint that reloads and generates.
+    qft = results[1]
+    m = qft["metrics"]
+    assert m["steps"] == 8 and m["start_step"] == 0 and m["examples"] == 64
+    assert m["final_loss"] < m["first_loss"]
+    export = root / "qft" / "model"
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    assert qft["model"] == str(export)
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    out = model.generate(**tok("<|im_start|>user\n", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 3
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(base.lm_head.weight, model.lm_head.weight)
+    # ... and vLLM generated the pairs' questions from it (model path stage:qft).
+    pairs = json.loads((root / "qpo_pairs" / "_manifest.json").read_text())
+    assert pairs["rows"] + pairs["excluded_rows"] == 24 and "qft:" in pairs["upstream"]
+
     qpo = json.loads((root / "qpo" / "_manifest.json").read_text())
     m = qpo["metrics"]
     assert m["steps"] >= 3 and m["final_loss"] < m["first_loss"]
@@ -173,3 +199,10 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
     q = results[-1].manifest
     assert q["rows"] + q["excluded_rows"] == 8 and "qpo:" in q["upstream"]
     assert json.loads((root / "questions" / "_manifest.json").read_text())["rows"] == q["rows"]
+
+    # Everything finished: a rerun skips all five stages (the trained ones by their manifests).
+    calls = len(FakeOpenAI.calls)
+    again = pipeline.run(load_config(path))
+    assert again[1]["finished_at"] == qft["finished_at"] and again[3]["finished_at"] == qpo["finished_at"]
+    assert again[0].skipped and again[2].skipped and again[4].skipped
+    assert len(FakeOpenAI.calls) == calls
