@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import models as model_refs
 from .prompts import SOLVABILITY_INSTRUCTION, SOLVER_INSTRUCTION
 
+# Tokens a constrained judge may need after its reasoning: the newline, "Verdict:", the word, EOS
+# (generous: a tokenizer may spell them out in pieces).
+VERDICT_TOKENS = 16
+
 
 TRAINING_STAGES = ("qft", "qpo", "difficulty_scorer")
 
@@ -295,8 +299,23 @@ class SolvabilityStageConfig(_Strict):
     model: str
     instruction: str = SOLVABILITY_INSTRUCTION
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512))
+    # vLLM structured outputs (a regex, filters.verdict_regex): every reply is one line of
+    # reasoning of at most `reasoning_max_chars` characters, then the line "Verdict: Yes|No".
+    # Characters, not tokens, because that is what a regex can bound; max_tokens must leave room
+    # for them (a token is at least one character). `constrained: false` is the reference's free
+    # reply, with the verdict parsed from its last line if there is one.
+    constrained: bool = True
+    reasoning_max_chars: int = Field(200, ge=0, le=8000)
     on_unparseable: Literal["drop", "keep"] = "drop"
     max_query_chars: int = Field(4000, gt=0)
+
+    @model_validator(mode="after")
+    def _room_for_the_verdict(self):
+        need = self.reasoning_max_chars + VERDICT_TOKENS
+        if self.constrained and self.sampling.max_tokens < need:
+            raise ValueError(f"sampling.max_tokens ({self.sampling.max_tokens}) must be at least reasoning_max_chars + "
+                             f"{VERDICT_TOKENS} ({need}) when constrained: a reply cut before its verdict line has none")
+        return self
 
 
 class DifficultyLabelsStageConfig(_Strict):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import unicodedata
 from typing import Iterable, Optional
 
@@ -155,6 +154,13 @@ _VERDICT = re.compile(r"^\W*" + re.escape(VERDICT_MARKER.rstrip(":")) + r"\W*\s*
 _BARE = re.compile(r"^\W*(yes|no)\W*$", re.I)
 
 
+def verdict_regex(reasoning_max_chars: int) -> str:
+    """What a constrained judge may write (vLLM structured outputs, xgrammar): one line of
+    reasoning of at most `reasoning_max_chars` characters, then the verdict line. Every reply it
+    admits is read by parse_verdict."""
+    return r"[^\n]{0,%d}\n%s (Yes|No)" % (reasoning_max_chars, re.escape(VERDICT_MARKER))
+
+
 def parse_verdict(text: Optional[str]) -> Optional[bool]:
     """The judge's final verdict: True (solvable), False, or None if its LAST non-empty line is
     not a verdict. "Yes" somewhere in the reasoning does not count."""
@@ -211,15 +217,13 @@ def gold_answer(raw, fmt: str) -> Optional[str]:
 def _math_verify_equal(a: str, b: str) -> bool:
     from math_verify import parse, verify
 
-    # math-verify's time limits use SIGALRM, which exists only in the main thread; Ray actors
-    # may call us from another thread, where we run without the limit.
-    main = threading.current_thread() is threading.main_thread()
-    kw = {} if main else {"parsing_timeout": None}
+    from .text import math_verify_kwargs
+
     try:
-        pa_, pb = parse(f"${a}$", **kw), parse(f"${b}$", **kw)
+        pa_, pb = parse(f"${a}$", **math_verify_kwargs()), parse(f"${b}$", **math_verify_kwargs())
         if not pa_ or not pb:
             return False
-        return bool(verify(pa_, pb, **({} if main else {"timeout_seconds": None})))
+        return bool(verify(pa_, pb, **math_verify_kwargs("timeout_seconds")))
     except Exception:
         return False
 

@@ -132,27 +132,53 @@ def finish_reason(num_generated: int, max_tokens: int, last_token: Optional[int]
     return "stop"
 
 
-_ANSWER_IS = re.compile(
-    r"(?:final answer|the answer|answer)\s*(?:is|=|:)\s*[:\s]*\$?([^\n$]{1,80}?)\$?\s*(?:\.\s|\.$|\n|$)",
-    re.IGNORECASE,
-)
+# A box holding only punctuation or a code fence ("\\boxed{:}") is no answer; a letter, a digit
+# or a LaTeX command (\\pi, \\infty) can be one.
+_MEANINGFUL = re.compile(r"[^\W_]|\\[A-Za-z]")
+
+
+def math_verify_kwargs(limit: str = "parsing_timeout") -> dict:
+    """math-verify bounds its work with SIGALRM, which exists only in the main thread: elsewhere
+    (a Ray actor's thread pool) it must run without the limit."""
+    import threading
+
+    return {} if threading.current_thread() is threading.main_thread() else {limit: None}
+
+
+def _stated_answer(text: str) -> Optional[str]:
+    """The answer a reply states after an anchor ("the answer is", "Final answer:", ...), as
+    math-verify extracts it (LaTeX first, then a plain expression), or None.
+
+    Anchors are required: without one, math-verify would take the last number anywhere in the
+    text ("She has 5 apples ..." -> 5), and a non-answer counts as a vote in the majority.
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    found = parse(text, extraction_config=[LatexExtractionConfig(try_extract_without_anchor=False),
+                                           ExprExtractionConfig(try_extract_without_anchor=False)],
+                  fallback_mode="first_match", **math_verify_kwargs())
+    # [parsed, matched text] when it parsed; [matched text] alone when only the string matched.
+    text_forms = [f for f in found if isinstance(f, str)]
+    answer = text_forms[-1].strip() if text_forms else None
+    return answer or None
 
 
 def extract_answer(text: Optional[str]) -> tuple[Optional[str], Optional[str]]:
-    """(answer, how): the last \\boxed{} ('boxed'), else the last 'the answer is X' ('answer_is').
+    """(answer, how): the content of the LAST \\boxed{} ('boxed'); else the answer stated after an
+    anchor such as "the answer is" ('answer_is', extracted by math-verify); else (None, None).
 
-    Small solvers often state the answer without boxing it, so the second form is kept, marked,
-    for later stages to trust or not.
+    An empty box, punctuation, a code fence or a sentence is never an answer. The last box wins
+    (math-verify would read several boxes as one set answer; solvers box intermediate results).
     """
+    if not text:
+        return None, None
     boxed = extract_boxed(text)
-    if boxed is not None:
+    if boxed is not None and _MEANINGFUL.search(boxed):
         return boxed, "boxed"
-    if text:
-        matches = _ANSWER_IS.findall(text)
-        if matches:
-            answer = matches[-1].strip().rstrip(".").strip()
-            if answer:
-                return answer, "answer_is"
+    if boxed is None:
+        stated = _stated_answer(text)
+        if stated:
+            return stated, "answer_is"
     return None, None
 
 

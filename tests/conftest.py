@@ -156,8 +156,8 @@ def full_config(model: Path, reward: Path, root: str, questions: str, bench: str
     cfg["stages"].update({
         "language": {"input": questions},
         "dedup": {"decontaminate": [{"name": "gsm8k_test", "path": bench}]},
-        # A random model writes no verdict line: keep those rows so that rows reach the end.
-        "solvability": {"model": "tiny", "sampling": {"temperature": 0.0, "max_tokens": 16}, "on_unparseable": "keep"},
+        # Constrained (vLLM structured outputs): even the random model ends with a verdict line.
+        "solvability": {"model": "tiny", "sampling": {"temperature": 0.0, "max_tokens": 24}, "reasoning_max_chars": 8},
         "difficulty_labels": {"model": "tiny", "k": 2, "max_problems": 12, "sampling": {"max_tokens": 16}},
         "difficulty_scorer": {"model": "tiny", "workers": 2, "batch_size": 4, "per_device_batch_size": 2,
                               "epochs": 1, "max_length": 64, "save_steps": 2, "holdout": 0.25},

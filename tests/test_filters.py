@@ -72,6 +72,39 @@ def test_parse_verdict_reads_only_the_last_line(reply, verdict):
     assert parse_verdict(reply) is verdict
 
 
+def test_every_reply_the_verdict_regex_admits_has_a_verdict():
+    """The constrained judge's language (filters.verdict_regex) against the parser: whatever the
+    engine writes inside it, parse_verdict reads a verdict; nothing outside it matches."""
+    import re
+    import random
+
+    from scalequest_ray.filters import verdict_regex
+
+    pattern = re.compile(verdict_regex(40))
+    rng = random.Random(3)
+    alphabet = "abc XYZ 0123.,:;*-?!'\"\\$()verdict:VERDICT yes no Yes No"
+    for _ in range(300):
+        reasoning = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        verdict = rng.choice(["Yes", "No"])
+        reply = f"{reasoning}\nVerdict: {verdict}"
+        assert pattern.fullmatch(reply)
+        assert parse_verdict(reply) is (verdict == "Yes"), reply
+    for outside in ["x" * 41 + "\nVerdict: Yes", "two\nlines\nVerdict: No", "ok\nVerdict: maybe", "ok\nverdict: yes",
+                    "ok Verdict: Yes"]:
+        assert not pattern.fullmatch(outside)
+
+
+def test_constrained_judge_needs_room_for_its_verdict():
+    from pydantic import ValidationError
+
+    from scalequest_ray.config import SolvabilityStageConfig
+
+    with pytest.raises(ValidationError, match=r"sampling.max_tokens \(100\) must be at least reasoning_max_chars \+ 16 \(216\)"):
+        SolvabilityStageConfig(model="m", sampling={"max_tokens": 100})
+    SolvabilityStageConfig(model="m", sampling={"max_tokens": 100}, constrained=False)
+    SolvabilityStageConfig(model="m", sampling={"max_tokens": 100}, reasoning_max_chars=84)
+
+
 @pytest.mark.parametrize("raw,norm", [
     ("$12$", "12"), ("\\text{12 cm}", "12"), ("x = 5", "5"), ("1,000", "1000"), ("2.50", "2.5"), ("3.0", "3"),
     ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("45^\\circ", "45"), ("50\\%", "50"), (" 7. ", "7"), (None, None), ("  ", None),

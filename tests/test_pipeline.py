@@ -119,8 +119,14 @@ def test_solvability_and_difficulty(full_run):
     assert len(judged) == 8 and judged["judgement"].notna().all()
     assert judged["judge_output_tokens"].sum() == root.manifest("solvability")["output_tokens"] > 0
     verdicts = root.manifest("solvability")["verdicts"]
-    assert sum(verdicts.values()) == 8
-    assert verdicts["unparseable"] == int(judged["solvable"].isna().sum())
+    # The constrained judge: every reply is at most 8 characters of reasoning, then a verdict line.
+    assert judged["solvable"].notna().all()
+    solvable = judged["solvable"].astype(bool)
+    assert verdicts == {"yes": int(solvable.sum()), "no": int((~solvable).sum()), "unparseable": 0, "not_judged": 0}
+    last_lines = judged["judgement"].str.rsplit("\n", n=1)
+    assert (last_lines.str.len() == 2).all() and (last_lines.str[0].str.len() <= 8).all()
+    assert last_lines.str[-1].map({"Verdict: Yes": True, "Verdict: No": False}).tolist() == solvable.tolist()
+    assert (judged.loc[~solvable, "exclude_reason"] == "unsolvable").all()
     labels = root.read("difficulty_labels")
     assert len(labels) == 12 and (labels["k"] == 2).all()
     assert labels["fail_rate"].between(0, 1).all() and labels["reference_answer"].notna().all()
@@ -162,6 +168,14 @@ def test_selection_final_dataset_and_funnel(full_run, tmp_path):
                                storage_options=storage_options(root.storage.endpoint), split="train",
                                cache_dir=str(tmp_path / "hf"))
     assert len(ds) == len(final) and set(ds["query_id"]) == set(final["query_id"])
+    # Missing values are real nulls in Parquet and in JSON Lines, never the string "<NA>".
+    table = pa.concat_tables([pq.read_table(f, filesystem=root.storage.fs)
+                              for f in root.storage.parquet_files(root.storage.path("selection", "data"))])
+    for name in table.column_names:
+        assert "<NA>" not in table[name].cast(pa.string()).to_pylist(), name
+    parquet_answers = dict(zip(table["query_id"].to_pylist(), table["answer"].to_pylist()))
+    assert {q: a for q, a in zip(ds["query_id"], ds["answer"])} == parquet_answers
+    assert all(a is None or a.strip() for a in parquet_answers.values())
     funnel = root.storage.read_json(root.storage.path("funnel.json"))["stages"]
     assert [f["stage"] for f in funnel] == [s for s in STAGES if s != "difficulty_scorer"]
     assert funnel[0] == {"stage": "language", "unit": "questions", "rows_in": 15, "kept": 11, "dropped": 4,

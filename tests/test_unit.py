@@ -183,11 +183,37 @@ def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
-def test_extract_answer_falls_back_to_answer_is_and_marks_it():
-    assert extract_answer(r"\boxed{3}, so the answer is 4.") == ("3", "boxed")
-    assert extract_answer("Adding them, the answer is 17.") == ("17", "answer_is")
-    assert extract_answer("Final answer: $x = 2$\n") == ("x = 2", "answer_is")
-    assert extract_answer("I do not know") == (None, None)
+@pytest.mark.parametrize("text, expected", [
+    # boxes: the last one wins, nesting handled, content kept as LaTeX
+    (r"\boxed{3}, so the answer is 4.", ("3", "boxed")),
+    (r"First \boxed{3} then \boxed{\sqrt{2}}", (r"\sqrt{2}", "boxed")),
+    (r"so \boxed{\frac{\sqrt{3}}{2}}.", (r"\frac{\sqrt{3}}{2}", "boxed")),
+    (r"The final answer is $\boxed{(2, 3)}$", ("(2, 3)", "boxed")),
+    (r"The answer is \boxed{10\%}", (r"10\%", "boxed")),
+    (r"\boxed{\pi}", (r"\pi", "boxed")),
+    # stated answers, extracted by math-verify after an anchor
+    ("Adding them, the answer is 17.", ("17", "answer_is")),
+    ("The answer is $\\frac{1}{2}$.", (r"\frac{1}{2}", "answer_is")),
+    ("Final answer: $x = 2$\n", ("x = 2", "answer_is")),
+    ("Therefore the answer is 150 km.", ("150", "answer_is")),
+    ("The answer is 1,000 apples", ("1000", "answer_is")),
+    ("**Answer:** 25", ("25", "answer_is")),
+    ("Answer: $5\\sqrt{2}$ cm", (r"5\sqrt{2}", "answer_is")),
+    # non-answers are null, never a string
+    ("She has 5 apples and buys more. I think this is a nice problem.", (None, None)),
+    ("I do not know", (None, None)),
+    ("the answer is that we cannot know", (None, None)),
+    (r"It is \boxed{}.", (None, None)),
+    (r"It is \boxed{ }, the answer is 4.", (None, None)),
+    (r"\boxed{:}", (None, None)),
+    ("- The answer is:", (None, None)),
+    ("The answer is: ```python\nprint(1)\n```", (None, None)),
+    ("```", (None, None)),
+    ("", (None, None)),
+    (None, (None, None)),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
 
 
 def test_finish_reason():
@@ -333,3 +359,24 @@ def test_plan_lists_stages_resources_and_paths_without_ray():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "10. selection: Ray Data tasks + shuffles" in proc.stdout
+
+
+@pytest.mark.unit
+def test_selection_keeps_missing_answers_null():
+    """A candidate without an answer (pandas' NA in a string column) gives a null answer, never the
+    string "<NA>"; the majority ignores it."""
+    import pandas as pd
+
+    from scalequest_ray.stages.selection import select
+
+    group = pd.DataFrame({
+        "query_id": ["q", "q", "q"], "query": ["What is 2+2?"] * 3, "response": ["r0", "r1", "r2"],
+        "answer": pd.array([None, "4", "4"], dtype="string"), "reward": [3.0, 1.0, 2.0],
+        "sample_idx": pd.array([0, 1, 2], dtype="Int64"), "solver_model": ["m"] * 3,
+        "seed": pd.array([None, 5, 6], dtype="Int64"), "sampling": ["{}"] * 3,
+    })
+    free = select(group, require_majority=False, min_reward=None, min_agreement=0.0).to_pylist()[0]
+    assert free["sample_idx"] == 0 and free["answer"] is None and free["seed"] is None
+    assert free["majority_answer"] == "4" and free["reward_model"] is None
+    agreeing = select(group, require_majority=True, min_reward=None, min_agreement=0.0).to_pylist()[0]
+    assert agreeing["sample_idx"] == 2 and agreeing["answer"] == "4" and agreeing["agrees_with_majority"]

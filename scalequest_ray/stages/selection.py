@@ -37,7 +37,7 @@ SCHEMA = pa.schema([
 def select(group: pd.DataFrame, require_majority: bool, min_reward, min_agreement: float) -> pa.Table:
     """One question's candidates -> one row: the chosen candidate, or a reason none qualified."""
     group = group.sort_values("sample_idx", kind="stable") if "sample_idx" in group else group
-    answers = [a if isinstance(a, str) else None for a in group["answer"]]
+    answers = [a if isinstance(a, str) and a else None for a in group["answer"]]
     major, share, agrees = majority(answers)
     rewards = [float(r) for r in group["reward"]]
     candidates = [i for i in range(len(group)) if not require_majority or agrees[i]]
@@ -55,8 +55,10 @@ def select(group: pd.DataFrame, require_majority: bool, min_reward, min_agreemen
     row = group.iloc[best]
 
     def get(col, cast=str):
+        # pd.isna: a missing value may arrive as None, NaN or pandas' NA (string columns), and
+        # str(pd.NA) is the string "<NA>".
         v = row.get(col) if col in group else None
-        return None if v is None or (isinstance(v, float) and v != v) else cast(v)
+        return None if v is None or pd.isna(v) else cast(v)
 
     return pa.Table.from_pylist([{
         "query_id": get("query_id"), "query": get("query"), "response": get("response"), "answer": get("answer"),

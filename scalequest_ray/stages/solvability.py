@@ -1,7 +1,10 @@
 """Solvability filter (ScaleQuest stage 3): the solver model, greedy, judges whether each question
 is a math problem that can be solved from its own conditions. The verdict is read strictly from
 the reply's last line (`Verdict: Yes|No`, filters.parse_verdict), not from "yes" anywhere in the
-text; replies without one are `verdict_unparseable` (dropped by default, `on_unparseable: keep`)."""
+text. By default vLLM's structured outputs constrain the reply to one bounded line of reasoning
+and that verdict line (filters.verdict_regex), so every reply has one; with `constrained: false`
+(the reference's free reply) replies without one are `verdict_unparseable` (dropped by default,
+`on_unparseable: keep`)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import pyarrow as pa
 from ..columns import REASON, set_columns, with_ids
 from ..config import RunConfig
 from ..engine import build_llm, chat_sampling, engine_result, keep_all
-from ..filters import parse_verdict
+from ..filters import parse_verdict, verdict_regex
 from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
@@ -33,6 +36,14 @@ def _prepare(table: pa.Table, max_query_chars: int) -> pa.Table:
     reasons = ["empty_query" if not (q or "").strip() else "query_too_long" if len(q) > max_query_chars else None
                for q in table["query"].to_pylist()]
     return set_columns(table, {REASON: pa.array(reasons, pa.string())})
+
+
+def judge_sampling(sampling: dict, constrained: bool, reasoning_max_chars: int) -> dict:
+    """The judge's vLLM sampling params: constrained to filters.verdict_regex through vLLM's
+    structured outputs (Ray Data LLM turns the dict into StructuredOutputsParams), or free."""
+    if not constrained:
+        return dict(sampling)
+    return {**sampling, "structured_outputs": {"regex": verdict_regex(reasoning_max_chars)}}
 
 
 class _Prompt:
@@ -73,6 +84,7 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     source = read_input(given.uri, cfg.storage.endpoint_url, required_column="query")
     schema = output_schema(source.schema().base_schema)
     turn, stops, sampling = chat_sampling(model, scfg.sampling, cfg.storage.endpoint_url)
+    sampling = judge_sampling(sampling, scfg.constrained, scfg.reasoning_max_chars)
     prepared = source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"max_query_chars": scfg.max_query_chars})
     requests = prepared.map_batches(lambda t: t.filter(pc.is_null(t[REASON])).drop_columns([REASON]), batch_format="pyarrow")
     rejected = prepared.map_batches(_excluded, batch_format="pyarrow", fn_kwargs={"schema": schema, "judge": model.path})
@@ -87,9 +99,12 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
 def verdict_counts(table: pa.Table) -> dict:
     """How the judge answered, over kept AND dropped rows (summed from each written file): with
     `on_unparseable: keep` the replies without a verdict are kept, and this is where their number
-    shows. Rows excluded before judging (empty, too long) have no verdict either."""
-    values = table["solvable"].to_pylist()
-    return {"verdicts": {"yes": values.count(True), "no": values.count(False), "unparseable": values.count(None)}}
+    shows. Rows excluded before judging (empty, too long) or failed in the engine were not judged."""
+    values, replies = table["solvable"].to_pylist(), table["judgement"].to_pylist()
+    errors = table[REASON].to_pylist()
+    judged = [v for v, reply, e in zip(values, replies, errors) if reply is not None and e != "engine_error"]
+    return {"verdicts": {"yes": judged.count(True), "no": judged.count(False), "unparseable": judged.count(None),
+                         "not_judged": len(values) - len(judged)}}
 
 
 STAGE = Stage("solvability", build, runs_on="engine", resume_id="query_id", tokens_column=TOKENS_COLUMN,
