@@ -49,10 +49,37 @@ def init_ray(cfg: RunConfig) -> None:
                  include_dashboard=False)
 
 
+def native_bf16(cpu_flags: set[str]) -> bool:
+    """Whether a CPU with these /proc/cpuinfo flags computes bfloat16 matmuls natively."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def engine_dtype(model: ModelConfig, flags: Optional[set[str]] = None) -> str:
+    """The dtype a replica's engine runs in: the config's, or for "auto" vLLM's own choice on
+    GPU, and on CPU bfloat16 only where the CPU has native bf16 (else float32, several times
+    faster there). CPU flags are read on the driver: the demo's replicas run on this machine;
+    a cluster of CPU nodes of another kind sets dtype explicitly."""
+    dtype = model.engine.dtype
+    if dtype != "auto" or model.scale.gpus_per_replica > 0:
+        return dtype
+    return "bfloat16" if native_bf16(cpu_flags() if flags is None else flags) else "float32"
+
+
 def engine_kwargs(model: ModelConfig) -> dict:
     e, s = model.engine, model.scale
     kwargs = dict(
-        dtype=e.dtype,
+        dtype=engine_dtype(model),
         max_model_len=e.max_model_len,
         enforce_eager=e.enforce_eager,
         max_num_seqs=e.max_num_seqs,

@@ -380,3 +380,17 @@ def test_selection_keeps_missing_answers_null():
     assert free["majority_answer"] == "4" and free["reward_model"] is None
     agreeing = select(group, require_majority=True, min_reward=None, min_agreement=0.0).to_pylist()[0]
     assert agreeing["sample_idx"] == 2 and agreeing["answer"] == "4" and agreeing["agrees_with_majority"]
+
+
+@pytest.mark.unit
+def test_auto_dtype_is_float32_on_cpus_without_native_bf16():
+    from scalequest_ray.config import ModelConfig
+    from scalequest_ray.engine import engine_dtype
+
+    cpu = ModelConfig(path="org/m")  # dtype auto, a CPU replica
+    assert engine_dtype(cpu, {"avx2", "fma", "avx512f"}) == "float32"
+    assert engine_dtype(cpu, {"avx512f", "avx512_bf16"}) == "bfloat16"
+    assert engine_dtype(cpu, {"amx_bf16", "amx_tile"}) == "bfloat16"
+    gpu = ModelConfig(path="org/m", scale={"gpus_per_replica": 1})
+    assert engine_dtype(gpu, set()) == "auto"  # vLLM's own choice: the model's dtype
+    assert engine_dtype(ModelConfig(path="org/m", engine={"dtype": "bfloat16"}), set()) == "bfloat16"
