@@ -212,6 +212,16 @@ class TrainConfig(_Strict):
         return self.batch_size // (self.per_device_batch_size * self.workers)
 
 
+class QftConfig(TrainConfig):
+    """QFT: SFT of the solver on seed questions (TRL SFTTrainer)."""
+
+    # TRL's padding-free batches: the questions of a batch are concatenated into one row with
+    # position_ids restarting per question (no pad tokens computed). transformers builds the
+    # block-diagonal mask from those position_ids for sdpa/eager attention too, so it is exact on
+    # CPU; tests/test_train checks the loss equals the padded batch's.
+    padding_free: bool = False
+
+
 class DpoConfig(TrainConfig):
     """QPO training. Paper: beta 0.1, lr 5e-7, batch 128, 1 epoch, sigmoid loss, reference
     model = the QFT model (the policy's starting point)."""
@@ -395,7 +405,7 @@ class SelectionStageConfig(_Strict):
 
 
 class StagesConfig(_Strict):
-    qft: Optional[TrainConfig] = None
+    qft: Optional[QftConfig] = None
     qpo_pairs: Optional[QpoPairsStageConfig] = None
     qpo: Optional[DpoConfig] = None
     seed_problems: Optional[SeedProblemsStageConfig] = None

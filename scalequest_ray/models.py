@@ -68,17 +68,53 @@ def load_tokenizer(ref: str, s3_endpoint: str | None = None):
     return AutoTokenizer.from_pretrained(ref)
 
 
+_TOKENIZER_FILES = (".json", ".txt", ".model", ".jinja")
+
+
 def _download_s3_tokenizer(uri: str, endpoint: str | None) -> str:
+    return s3_snapshot(uri, endpoint, suffixes=_TOKENIZER_FILES)
+
+
+def s3_snapshot(uri: str, endpoint: str | None, suffixes: tuple[str, ...] | None = None) -> str:
+    """A local copy of the files of an s3:// model folder (those ending in `suffixes`, or all):
+    what `from_pretrained` can load.
+
+    The cache folder is named after the files' names, sizes and ETags, so a model written again
+    at the same URI (a retrained stage's export) is fetched again, never served stale, and a
+    tokenizer-only copy is never taken for the whole model. Files go to a temporary folder that
+    is renamed into place: a killed or concurrent download (two training workers on one node)
+    never leaves a half folder that looks complete.
+    """
+    import hashlib
+    import json
+
     from .storage import s3fs_filesystem
 
     fs = s3fs_filesystem(endpoint)
     bucket_path = uri[len("s3://"):].rstrip("/")
-    target = cache_dir() / "s3" / bucket_path.replace("/", "__")
-    target.mkdir(parents=True, exist_ok=True)
-    for entry in fs.ls(bucket_path, detail=False):
-        name = entry.rsplit("/", 1)[-1]
-        if name.endswith((".json", ".txt", ".model", ".jinja")) and not (target / name).exists():
-            fs.get(entry, str(target / name))
+    entries = [e for e in fs.ls(bucket_path, detail=True, refresh=True) if e.get("type") != "directory"]
+    if suffixes:
+        entries = [e for e in entries if e["name"].endswith(suffixes)]
+    if not entries:
+        raise FileNotFoundError(f"{uri}: no model files there")
+    listing = sorted((e["name"].rsplit("/", 1)[-1], e.get("size"), str(e.get("ETag") or e.get("LastModified")))
+                     for e in entries)
+    key = hashlib.sha1(json.dumps([uri, listing]).encode()).hexdigest()[:12]
+    target = cache_dir() / "s3" / f"{bucket_path.replace('/', '__')}-{key}"
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        for e in entries:
+            fs.get(e["name"], str(tmp / e["name"].rsplit("/", 1)[-1]))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process put the same snapshot in place first
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

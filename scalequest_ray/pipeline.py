@@ -40,9 +40,14 @@ def funnel(cfg: RunConfig, storage: Storage, stages: list[str]) -> list[dict]:
         if m is None or stage in TRAINING_STAGES:
             continue
         rows_in = m.get("rows_in")
-        out.append({"stage": stage, "unit": specs[stage].unit,
-                    "rows_in": m["rows"] + m["excluded_rows"] if rows_in is None else rows_in,
-                    "kept": m["rows"], "dropped": m["excluded_rows"], "dropped_by_reason": m.get("excluded_by_reason", {})})
+        row = {"stage": stage, "unit": specs[stage].unit,
+               "rows_in": m["rows"] + m["excluded_rows"] if rows_in is None else rows_in,
+               "kept": m["rows"], "dropped": m["excluded_rows"], "dropped_by_reason": m.get("excluded_by_reason", {})}
+        quality = m.get("question_quality")
+        if quality:
+            row["wellformed"] = {"share": round(quality.get("wellformed", 0) / max(sum(quality.values()), 1), 4),
+                                 "of": sum(quality.values()), **quality}
+        out.append(row)
     return out
 
 
@@ -51,6 +56,9 @@ def format_funnel(rows: list[dict]) -> str:
     for r in rows:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(r["dropped_by_reason"].items(), key=lambda kv: -kv[1]))
         lines.append(f"  {r['stage']:<18}{r['rows_in']:>8} -> {r['kept']:<8}{r['unit']:<18}" + (f"({reasons})" if reasons else ""))
+        if "wellformed" in r:
+            w = r["wellformed"]
+            lines.append(f"  {'':<18}well-formed math questions: {w.get('wellformed', 0)} of {w['of']} ({w['share']:.2f})")
     return "\n".join(lines)
 
 

@@ -57,6 +57,16 @@ def test_questions_stage_rows_ids_seeds(tiny_run):
     assert sampling["temperature"] == 1.0 and sampling["top_p"] == 0.99 and sampling["max_tokens"] == 24
     assert kept["generator_model"].iloc[0].endswith("tiny-llama-test")
     assert len(manifest["files"]) >= 1 and manifest["stage"] == "questions"
+    # The quality of everything the generator wrote, counted in the write tasks, in the funnel.
+    from collections import Counter
+
+    from scalequest_ray.quality import wellformed_reason
+
+    expected = Counter(wellformed_reason(q) or "wellformed" for q in everything["query"])
+    assert manifest["question_quality"] == dict(expected) and sum(expected.values()) == 24
+    row = json.loads((root / "funnel.json").read_text())["stages"][0]
+    assert row["stage"] == "questions" and row["wellformed"]["of"] == 24
+    assert row["wellformed"]["share"] == round(expected["wellformed"] / 24, 4)
 
 
 def test_responses_stage_n_candidates_per_question(tiny_run):

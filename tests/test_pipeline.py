@@ -232,3 +232,26 @@ def test_run_root_on_s3_is_clean_readable_and_keeps_the_secret(full_run, s3_serv
         if key.endswith((".json", ".jsonl")):
             assert S3_SECRET not in s3.get_object(Bucket="sq-full", Key=key)["Body"].read().decode()
     assert all(S3_SECRET not in json.dumps(r.manifest if hasattr(r, "manifest") else r) for r in results)
+
+
+def test_s3_model_snapshots_follow_the_files(tiny_model, s3_server):
+    """An s3:// model is copied to a cache folder named after its files (name, size, ETag): a
+    tokenizer-only copy is never taken for the model, and a model written again at the same URI
+    (a retrained stage's export) is fetched again, never served stale."""
+    import boto3
+
+    from scalequest_ray.models import s3_snapshot
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="sq-snap")
+    for f in tiny_model.iterdir():
+        s3.upload_file(str(f), "sq-snap", f"m/{f.name}")
+    tokenizer = Path(s3_snapshot("s3://sq-snap/m", s3_server, suffixes=(".json", ".jinja")))
+    model = Path(s3_snapshot("s3://sq-snap/m", s3_server))
+    assert tokenizer != model and not (tokenizer / "model.safetensors").exists()
+    assert (model / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    assert s3_snapshot("s3://sq-snap/m", s3_server) == str(model)  # cached
+    s3.put_object(Bucket="sq-snap", Key="m/model.safetensors", Body=b"retrained")
+    again = Path(s3_snapshot("s3://sq-snap/m", s3_server))
+    assert again != model and (again / "model.safetensors").read_bytes() == b"retrained"
+    assert not list(again.parent.glob("*.partial-*"))

@@ -87,15 +87,11 @@ def fake_openai():
     server.server_close()
 
 
-def test_pairs_via_http_optimizer_with_retries(tiny_model, ray_cluster, tmp_path, fake_openai, monkeypatch, capfd):
-    monkeypatch.setenv("SQ_TEST_OPTIMIZER_KEY", API_KEY)
-    cfg = load_config(_config(tmp_path, tiny_model, {"optimizer_http": {
-        "base_url": fake_openai, "model": "fake-4o-mini", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
-        "qps": 50, "max_retries": 3, "retry_wait_s": 0.05}}))
-    result = pipeline.run(cfg)[0]
-    out = Path(cfg.root) / "qpo_pairs"
+def _assert_pairs_from_the_http_optimizer(out: Path, result, total: int, capfd) -> None:
+    """The pairs of a qpo_pairs stage whose optimizer is FakeOpenAI: the 429 and the 500 were
+    retried, the key went in the Authorization header only, every reply is a pair or a reason."""
     pairs, excluded = _read(out / "data"), _read(out / "exclusions")
-    assert len(pairs) + len(excluded) == 16
+    assert len(pairs) + len(excluded) == total
     asked = excluded[~excluded.exclude_reason.str.startswith("question_")]
     # every kept question was sent (the 429 and the 500 were retried, not lost)
     assert len(FakeOpenAI.calls) == len(pairs) + len(asked) + 2
@@ -136,10 +132,11 @@ def test_missing_api_key_is_a_clear_error(tiny_model, ray_cluster, tmp_path, mon
         pipeline.run(cfg)
 
 
-def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_path, fake_openai, monkeypatch):
+def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_path, fake_openai, monkeypatch, capfd):
     """seed problems -> QFT (DeepSpeed ZeRO-3 over gloo, the GPU config's setting, on CPU workers:
     the sharded weights are gathered for the export) -> QPO pairs from the QFT model through vLLM
-    (HTTP optimizer) -> DPO -> questions from the QPO model. A rerun skips every stage."""
+    and an OpenAI-compatible HTTP optimizer (FakeOpenAI: a 429 and a 500 to retry) -> DPO ->
+    questions from the QPO model. A rerun skips every stage."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,8 +156,9 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
             "qft": {**train, "deepspeed": "zero3", "batch_size": 8, "per_device_batch_size": 4, "max_examples": 64,
                     "learning_rate": 1e-3, "save_steps": 8},
             "qpo_pairs": {"generator": "qft", "num_questions": 24, "min_chars": 1, "sampling": {"max_tokens": 64},
-                          "optimizer_http": {"base_url": fake_openai, "model": "fake", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
-                                             "qps": 50, "retry_wait_s": 0.05}},
+                          "optimizer_sampling": {"temperature": 0.0, "max_tokens": 32},
+                          "optimizer_http": {"base_url": fake_openai, "model": "fake-4o-mini", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
+                                             "qps": 50, "max_retries": 3, "retry_wait_s": 0.05}},
             "qpo": {**train, "model": "qft", "batch_size": 4, "epochs": 3, "learning_rate": 5e-4, "beta": 0.1},
             "questions": {"generators": [{"name": "qpo", "model": "qpo", "num_questions": 8}],
                           "sampling": {"max_tokens": 16}, "min_chars": 1},
@@ -187,8 +185,9 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not torch.equal(base.lm_head.weight, model.lm_head.weight)
     # ... and vLLM generated the pairs' questions from it (model path stage:qft).
-    pairs = json.loads((root / "qpo_pairs" / "_manifest.json").read_text())
-    assert pairs["rows"] + pairs["excluded_rows"] == 24 and "qft:" in pairs["upstream"]
+    pairs = results[2]
+    assert "qft:" in pairs.manifest["upstream"]
+    _assert_pairs_from_the_http_optimizer(root / "qpo_pairs", pairs, 24, capfd)
 
     qpo = json.loads((root / "qpo" / "_manifest.json").read_text())
     m = qpo["metrics"]

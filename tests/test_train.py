@@ -68,6 +68,37 @@ def test_qft_rows_and_completion_only_masking(tiny_model, tmp_path):
         assert "<|im_start|>" not in text
 
 
+@pytest.mark.unit
+def test_padding_free_batch_has_the_padded_batch_loss(tiny_model, tmp_path):
+    """stages.qft.padding_free: TRL concatenates the batch's questions into one row with
+    position_ids restarting per question; on CPU (sdpa) transformers must mask across them, so
+    the loss equals the padded batch's."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = qft.qft_rows(tok, ["What is 3 + 4?", "A square has side 5. What is its area in square centimetres?",
+                              "How many primes are below 30?"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    losses = {}
+    for free in (False, True):
+        trainer = SFTTrainer(
+            model=model, processing_class=tok, train_dataset=datasets.Dataset.from_list(rows),
+            args=SFTConfig(output_dir=str(tmp_path / str(free)), per_device_train_batch_size=3, use_cpu=True,
+                           report_to=[], max_length=128, padding_free=free, train_sampling_strategy="sequential"))
+        batch = next(iter(trainer.get_train_dataloader()))
+        if free:
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one row, no pads
+        else:
+            assert batch["input_ids"].shape[0] == 3 and (batch["attention_mask"] == 0).any()
+        with torch.no_grad():
+            losses[free] = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids",
+                                                                          "labels")}).loss.item()
+    assert abs(losses[True] - losses[False]) < 1e-4, losses
+
+
 # QFT with DeepSpeed ZeRO-3, its export, and generation from the exported model are tested in
 # test_qpo_pairs.test_full_chain_seeds_qft_pairs_qpo_generation, whose chain starts with that QFT:
 # one QFT and one engine start fewer in CI.

@@ -394,3 +394,26 @@ def test_auto_dtype_is_float32_on_cpus_without_native_bf16():
     gpu = ModelConfig(path="org/m", scale={"gpus_per_replica": 1})
     assert engine_dtype(gpu, set()) == "auto"  # vLLM's own choice: the model's dtype
     assert engine_dtype(ModelConfig(path="org/m", engine={"dtype": "bfloat16"}), set()) == "bfloat16"
+
+
+@pytest.mark.unit
+def test_funnel_prints_the_share_of_wellformed_questions():
+    from scalequest_ray.pipeline import format_funnel
+
+    text = format_funnel([{"stage": "questions", "unit": "questions", "rows_in": 48, "kept": 40, "dropped": 8,
+                           "dropped_by_reason": {"truncated": 8},
+                           "wellformed": {"share": 0.8542, "of": 48, "wellformed": 41, "no_number": 7}}])
+    assert text.splitlines()[-1].strip() == "well-formed math questions: 41 of 48 (0.85)"
+
+
+@pytest.mark.unit
+def test_verdict_counts_of_kept_and_excluded_files():
+    import pyarrow as pa
+
+    from scalequest_ray.stages.solvability import verdict_counts
+
+    kept = pa.table({"solvable": [True, None], "judgement": ["a\nVerdict: Yes", "rambling"]})
+    excluded = pa.table({"solvable": [False, None, None, None], "judgement": ["b\nVerdict: No", None, "boom", "x"],
+                         "exclude_reason": ["unsolvable", "empty_query", "engine_error", "verdict_unparseable"]})
+    assert verdict_counts(kept) == {"verdicts": {"yes": 1, "no": 0, "unparseable": 1, "not_judged": 0}}
+    assert verdict_counts(excluded) == {"verdicts": {"yes": 0, "no": 1, "unparseable": 1, "not_judged": 2}}

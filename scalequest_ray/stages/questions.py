@@ -7,6 +7,8 @@ alone, so every row gets its own seed derived from (run seed, generator, row ind
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from ..config import RunConfig
 from ..generation import generate_questions
 from ..stage import Stage, StageInput
@@ -23,5 +25,19 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def question_quality(table: pa.Table) -> dict:
+    """How many generated questions (kept AND excluded: everything the generator wrote) are
+    well-formed English math questions (quality.wellformed_reason), and why the others are not.
+    Summed over the written files into the manifest; the funnel prints the share."""
+    from ..quality import wellformed_reason
+
+    counts: dict = {}
+    for text in table["query"].to_pylist():
+        key = wellformed_reason(text) or "wellformed"
+        counts[key] = counts.get(key, 0) + 1
+    return {"question_quality": counts}
+
+
 # `id` numbers the rows over all generators: the resume id, dropped from the output.
-STAGE = Stage("questions", build, runs_on="engine", resume_id="id", private_columns=("id",))
+STAGE = Stage("questions", build, runs_on="engine", resume_id="id", private_columns=("id",),
+              counters=question_quality)

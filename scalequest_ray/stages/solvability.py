@@ -101,7 +101,8 @@ def verdict_counts(table: pa.Table) -> dict:
     `on_unparseable: keep` the replies without a verdict are kept, and this is where their number
     shows. Rows excluded before judging (empty, too long) or failed in the engine were not judged."""
     values, replies = table["solvable"].to_pylist(), table["judgement"].to_pylist()
-    errors = table[REASON].to_pylist()
+    # A data/ file's rows have no reason column (kept rows have none); exclusions/ files do.
+    errors = table[REASON].to_pylist() if REASON in table.column_names else [None] * table.num_rows
     judged = [v for v, reply, e in zip(values, replies, errors) if reply is not None and e != "engine_error"]
     return {"verdicts": {"yes": judged.count(True), "no": judged.count(False), "unparseable": judged.count(None),
                          "not_judged": len(values) - len(judged)}}

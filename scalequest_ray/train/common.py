@@ -45,17 +45,9 @@ def local_model(ref: str, endpoint: Optional[str]) -> str:
     """A path or hub name that `from_pretrained` can load on this worker (s3:// is downloaded)."""
     if not ref.startswith("s3://"):
         return ref
-    from ..models import cache_dir
-    from ..storage import s3fs_filesystem
+    from ..models import s3_snapshot
 
-    target = cache_dir() / "s3" / ref[len("s3://"):].rstrip("/").replace("/", "__")
-    if not (target / "config.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
-        s3fs_filesystem(endpoint).get(ref.rstrip("/") + "/", str(tmp), recursive=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    return str(target)
+    return s3_snapshot(ref, endpoint)
 
 
 def scratch_dir(c: dict, stage: str) -> str:

@@ -29,7 +29,7 @@ def train_loop(c: dict) -> None:
 
     model, tokenizer = worker_setup(c)
     rows = qft_rows(tokenizer, read_columns(c["data_uri"], c["endpoint"], ["query"], c["max_examples"])["query"])
-    args = SFTConfig(**common_args(c, scratch_dir(c, "qft")))
+    args = SFTConfig(**common_args(c, scratch_dir(c, "qft")), padding_free=c.get("padding_free", False))
     train_and_export(SFTTrainer, c, model, tokenizer, datasets.Dataset.from_list(rows), args)
 
 
