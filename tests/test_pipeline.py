@@ -211,7 +211,7 @@ def test_run_root_on_s3_is_clean_readable_and_keeps_the_secret(full_run, s3_serv
             for o in page.get("Contents", [])}
     assert {f"run/{s}/_manifest.json" for s in STAGES} <= keys
     # The scratch of a finished run (expanded requests, Ray Data checkpoints) is gone.
-    assert not any("/_work/" in k or "/_checkpoints/" in k or k.endswith("_started.json") for k in keys)
+    assert [k for k in keys if "/_work/" in k or "/_checkpoints/" in k or k.endswith("_started.json")] == []
     responses = root.manifest("responses")
     assert {f"run/{f}" for f in responses["files"]} <= keys
 

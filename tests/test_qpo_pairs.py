@@ -152,9 +152,11 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
         },
         "stages": {
             "seed_problems": {},
-            # One checkpoint (step 8): ZeRO-3's save goes through Ray Train's report once.
-            "qft": {**train, "deepspeed": "zero3", "batch_size": 8, "per_device_batch_size": 4, "max_examples": 64,
-                    "learning_rate": 1e-3, "save_steps": 8},
+            # One checkpoint (the last step): ZeRO-3's save goes through Ray Train's report once.
+            # A gentle lr: at 1e-3 the tiny model unlearns ending its questions (p(<|im_end|>)
+            # fell from 0.027 to 0.0008) and every QPO question is cut at max_tokens.
+            "qft": {**train, "deepspeed": "zero3", "batch_size": 8, "max_examples": 32, "learning_rate": 1e-4,
+                    "save_steps": 4},
             "qpo_pairs": {"generator": "qft", "num_questions": 24, "min_chars": 1, "sampling": {"max_tokens": 64},
                           "optimizer_sampling": {"temperature": 0.0, "max_tokens": 32},
                           "optimizer_http": {"base_url": fake_openai, "model": "fake-4o-mini", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
@@ -173,7 +175,7 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
     # QFT under ZeRO-3: trained, exported as a plain HF checkpoint that reloads and generates.
     qft = results[1]
     m = qft["metrics"]
-    assert m["steps"] == 8 and m["start_step"] == 0 and m["examples"] == 64
+    assert m["steps"] == 4 and m["start_step"] == 0 and m["examples"] == 32
     assert m["final_loss"] < m["first_loss"]
     export = root / "qft" / "model"
     assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()

@@ -87,7 +87,8 @@ def test_padding_free_batch_has_the_padded_batch_loss(tiny_model, tmp_path):
         trainer = SFTTrainer(
             model=model, processing_class=tok, train_dataset=datasets.Dataset.from_list(rows),
             args=SFTConfig(output_dir=str(tmp_path / str(free)), per_device_train_batch_size=3, use_cpu=True,
-                           report_to=[], max_length=128, padding_free=free, train_sampling_strategy="sequential"))
+                           report_to=[], max_length=None if free else 128, padding_free=free,
+                           train_sampling_strategy="sequential"))
         batch = next(iter(trainer.get_train_dataloader()))
         if free:
             assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one row, no pads
@@ -97,6 +98,11 @@ def test_padding_free_batch_has_the_padded_batch_loss(tiny_model, tmp_path):
             losses[free] = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids",
                                                                           "labels")}).loss.item()
     assert abs(losses[True] - losses[False]) < 1e-4, losses
+    # Without TRL's truncation, ours keeps prompt + completion within max_length.
+    cut = qft.truncate_rows(tok, rows, 36)  # the prompt is 24 tokens, "What is 3 + 4?<|im_end|>" 9
+    assert all(len(tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"]) <= 37 for r in cut)
+    assert cut[0] == rows[0] and cut[1]["completion"] != rows[1]["completion"]
+    assert rows[1]["completion"].startswith(cut[1]["completion"].strip())
 
 
 # QFT with DeepSpeed ZeRO-3, its export, and generation from the exported model are tested in

@@ -283,7 +283,8 @@ def run_training(cfg: RunConfig, storage: Storage, stage: str, loop: Callable, l
         return previous
     started_path = storage.path(stage, STARTED)
     started_before = storage.read_json(started_path) if storage.exists(started_path) else None
-    if previous or force or (started_before and started_before.get("config_hash") != fingerprint):
+    # Resume only an unfinished attempt of this config; anything else in the folder is stale.
+    if previous or force or not started_before or started_before.get("config_hash") != fingerprint:
         storage.delete_dir(storage.path(stage))
     resuming = bool(storage.exists(started_path))
     check_resources(tcfg, stage)
@@ -323,6 +324,9 @@ def run_training(cfg: RunConfig, storage: Storage, stage: str, loop: Callable, l
         "config": tcfg.model_dump(mode="json"),
     }
     storage.write_json(storage.path(stage, "_manifest.json"), manifest)
+    # Like a data stage's: the attempt marker only matters until the manifest exists.
+    if storage.exists(started_path):
+        storage.fs.delete_file(started_path)
     echo(f"[{stage}] done: {metrics['steps']} steps (started at step {metrics['start_step']}), "
          f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} in {manifest['seconds']:.1f} s -> {manifest['model']}")
     return manifest

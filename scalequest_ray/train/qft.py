@@ -22,6 +22,17 @@ def qft_rows(tokenizer, questions: list[str]) -> list[dict]:
     return [{"prompt": turn.prefix, "completion": q.strip() + turn.end_of_turn} for q in questions if q and q.strip()]
 
 
+def truncate_rows(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """Cut each completion so prompt + completion fit in max_length tokens: what TRL's own
+    truncation does, done here because TRL leaves max_length unenforced in padding-free mode."""
+    out = []
+    for r in rows:
+        room = max_length - len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+        ids = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        out.append(r if len(ids) <= room else {**r, "completion": tokenizer.decode(ids[:max(room, 0)])})
+    return out
+
+
 def train_loop(c: dict) -> None:
     """Runs on every Ray Train worker."""
     import datasets
@@ -29,7 +40,11 @@ def train_loop(c: dict) -> None:
 
     model, tokenizer = worker_setup(c)
     rows = qft_rows(tokenizer, read_columns(c["data_uri"], c["endpoint"], ["query"], c["max_examples"])["query"])
-    args = SFTConfig(**common_args(c, scratch_dir(c, "qft")), padding_free=c.get("padding_free", False))
+    args = common_args(c, scratch_dir(c, "qft"))
+    if c.get("padding_free"):
+        rows = truncate_rows(tokenizer, rows, c["max_length"])
+        args = {**args, "max_length": None, "padding_free": True}
+    args = SFTConfig(**args)
     train_and_export(SFTTrainer, c, model, tokenizer, datasets.Dataset.from_list(rows), args)
 
 
