@@ -40,7 +40,7 @@ def _load(tmp_path, raw, overrides=()):
 
 def test_demo_and_paper_configs_load(tmp_path):
     cfg = _load(tmp_path, _demo_raw(tmp_path))
-    assert cfg.stages.questions.sampling.temperature == 1.0 and cfg.stages.responses.n == 5
+    assert cfg.stages.questions.sampling.temperature == 1.0 and cfg.stages.responses.n == 4
     paper = load_config(REPO / "configs" / "paper_gpu.yaml")
     assert paper.models["qwen2-math-gen"].scale.gpus_per_replica == 1
     assert paper.models["qwen2-math-gen"].scale.replicas == (1, 16)
