@@ -220,7 +220,8 @@ def _math_verify_equal(a: str, b: str) -> bool:
     from .text import math_verify_kwargs
 
     try:
-        pa_, pb = parse(f"${a}$", **math_verify_kwargs()), parse(f"${b}$", **math_verify_kwargs())
+        kw = math_verify_kwargs()
+        pa_, pb = parse(f"${a}$", **kw), parse(f"${b}$", **kw)
         if not pa_ or not pb:
             return False
         return bool(verify(pa_, pb, **math_verify_kwargs("timeout_seconds")))

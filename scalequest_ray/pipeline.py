@@ -45,8 +45,8 @@ def funnel(cfg: RunConfig, storage: Storage, stages: list[str]) -> list[dict]:
                "kept": m["rows"], "dropped": m["excluded_rows"], "dropped_by_reason": m.get("excluded_by_reason", {})}
         quality = m.get("question_quality")
         if quality:
-            row["wellformed"] = {"share": round(quality.get("wellformed", 0) / max(sum(quality.values()), 1), 4),
-                                 "of": sum(quality.values()), **quality}
+            total = sum(quality.values())
+            row["wellformed"] = {"share": round(quality.get("wellformed", 0) / max(total, 1), 4), "of": total, **quality}
         out.append(row)
     return out
 

@@ -25,9 +25,11 @@ def qft_rows(tokenizer, questions: list[str]) -> list[dict]:
 def truncate_rows(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     """Cut each completion so prompt + completion fit in max_length tokens: what TRL's own
     truncation does, done here because TRL leaves max_length unenforced in padding-free mode."""
-    out = []
+    out, prompt_tokens = [], {}  # every row shares the template's prompt: tokenize it once
     for r in rows:
-        room = max_length - len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+        if r["prompt"] not in prompt_tokens:
+            prompt_tokens[r["prompt"]] = len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+        room = max_length - prompt_tokens[r["prompt"]]
         ids = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
         out.append(r if len(ids) <= room else {**r, "completion": tokenizer.decode(ids[:max(room, 0)])})
     return out
