@@ -25,10 +25,10 @@ def resolve_input(cfg: RunConfig, storage: Storage, stage: str) -> StageInput:
     questions, its head) make their own rows from their config: an empty StageInput. Raises
     InputError (one line) when a chain stage has nothing to read."""
     if stage not in CHAIN or stage == "questions":
-        return StageInput()
-    section = getattr(cfg.stages, stage)
+        return StageInput(stage=stage)
+    section = cfg.section(stage)
     if getattr(section, "input", None):
-        return StageInput(uri=section.input, upstream="input:" + section.input, from_user_file=True)
+        return StageInput(stage=stage, uri=section.input, upstream="input:" + section.input, from_user_file=True)
     prev = previous_stage(cfg, stage)
     if prev is None:
         raise InputError(f"stages.{stage}.input is not set and no earlier data stage is in the pipeline")
@@ -39,5 +39,5 @@ def resolve_input(cfg: RunConfig, storage: Storage, stage: str) -> StageInput:
         raise InputError(f"the {prev} stage kept no rows ({m['excluded_rows']} excluded: "
                          f"{m.get('excluded_by_reason', {})}); nothing for {stage}")
     # selection's rows in are the questions it groups (its kept + dropped), not the candidates
-    return StageInput(uri=storage.uri(prev, "data"), upstream=f"{prev}:{m['config_hash']}:{m['finished_at']}",
+    return StageInput(stage=stage, uri=storage.uri(prev, "data"), upstream=f"{prev}:{m['config_hash']}:{m['finished_at']}",
                       rows_in=None if stage == "selection" else m["rows"])

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,22 @@ VERDICT_TOKENS = 16
 
 
 TRAINING_STAGES = ("qft", "qpo", "difficulty_scorer")
+# Stages that may run once per generator, as named instances `<kind>@<name>` (e.g. qft@qwen,
+# qpo_pairs@qwen, qpo@qwen): the paper fine-tunes each of its two generators with QFT and QPO.
+# Each instance has its own config section, folder, manifest and resume; `stage:qpo@qwen` is the
+# model that instance exports.
+INSTANCE_KINDS = ("qft", "qpo_pairs", "qpo")
+_INSTANCE = re.compile(r"^(?P<kind>[a-z_]+)@(?P<name>[A-Za-z0-9][\w-]*)$")
+
+
+def stage_kind(stage: str) -> str:
+    """What a pipeline entry runs: `qft@qwen` -> `qft`; a plain stage name is its own kind."""
+    return stage.split("@", 1)[0]
+
+
+def instance_suffix(stage: str) -> str:
+    """`@qwen` for `qft@qwen`, '' for a plain stage: an instance's default inputs share it."""
+    return stage[len(stage_kind(stage)):]
 
 
 class ConfigError(ValueError):
@@ -99,8 +115,9 @@ class ModelConfig(_Strict):
     def _path(cls, v: str) -> str:
         if v.startswith("stage:"):
             # The model a training stage of this run exports, resolved when that stage finished.
-            if v[len("stage:"):] not in TRAINING_STAGES:
-                raise ValueError(f"'{v}': only stage:{' or stage:'.join(TRAINING_STAGES)} export a model")
+            if stage_kind(v[len("stage:"):]) not in TRAINING_STAGES:
+                raise ValueError(f"'{v}': only stage:{' or stage:'.join(TRAINING_STAGES)} (or their @instances) "
+                                 "export a model")
             return v
         return model_refs.check_model_ref(_expand(v))
 
@@ -171,6 +188,11 @@ class SeedSource(_Strict):
 class SeedProblemsStageConfig(_Strict):
     sources: list[SeedSource] = Field(default_factory=lambda: [SeedSource(builtin="champ")], min_length=1)
     max_chars: int = Field(2000, gt=0)
+    # Keep only seeds that are well-formed math questions (quality.wellformed_reason: a question
+    # with a number, in English, no code); the others go to exclusions as not_wellformed:<why>.
+    # QFT learns the form of its seeds: 16% of champ's problems are proofs or statements without
+    # a number or a question, and a short QFT copies them.
+    wellformed_only: bool = False
 
 
 class TrainConfig(_Strict):
@@ -182,6 +204,9 @@ class TrainConfig(_Strict):
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    # Custom Ray resources each worker also needs, e.g. {"accelerator_type:A100": 0.001}: pins the
+    # workers to a node group (as models.<name>.scale.resources does for replicas).
+    resources: dict[str, float] = Field(default_factory=dict)
     deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = "none"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     learning_rate: float = Field(2e-5, gt=0)
@@ -361,11 +386,17 @@ class ScorerTrainConfig(TrainConfig):
     holdout: float = Field(0.1, ge=0, lt=1, description="share of labelled problems held out for the reported MSE")
 
 
+# Which engine scores: vLLM's classify task on replica pools (auto, for sequence-classification
+# models) or the HF actor pool (hf; always for get_scores / trust_remote_code models).
+ScoringEngine = Literal["auto", "vllm", "hf"]
+
+
 class DifficultyStageConfig(_Strict):
     """Score each question with the scorer (predicted fail rate), then drop the easiest."""
 
     input: Optional[str] = None
     model: str = Field(description="name under models: the scorer (usually path stage:difficulty_scorer)")
+    engine: ScoringEngine = "auto"
     max_length: int = Field(512, ge=8)
     # Drop this share of the easiest questions (lowest predicted fail rate) of each generator
     # (or of the whole run); or keep a sample shaped like target_histogram.
@@ -391,7 +422,14 @@ class RewardStageConfig(_Strict):
     # chat-formatted pair (Skywork-Reward style). get_scores: a trust_remote_code model's own
     # `get_scores(chats, tokenizer)` (InternLM2-Reward style).
     method: Literal["sequence_classification", "get_scores"] = "sequence_classification"
+    engine: ScoringEngine = "auto"
     max_length: int = Field(4096, ge=8)
+
+    @model_validator(mode="after")
+    def _engine(self):
+        if self.engine == "vllm" and self.method == "get_scores":
+            raise ValueError("method get_scores runs on the HF actor pool (engine: hf or auto), not on vLLM")
+        return self
 
 
 class SelectionStageConfig(_Strict):
@@ -402,9 +440,16 @@ class SelectionStageConfig(_Strict):
     min_reward: Optional[float] = None
     min_agreement: float = Field(0.0, ge=0, le=1)
     jsonl: bool = True
+    # The final dataset's license, in its dataset card (selection/README.md).
+    license: str = "apache-2.0"
 
 
 class StagesConfig(_Strict):
+    """One section per stage; besides these, named instances `qft@<name>`, `qpo_pairs@<name>` and
+    `qpo@<name>` (INSTANCE_KINDS), each validated as its kind's section."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     qft: Optional[QftConfig] = None
     qpo_pairs: Optional[QpoPairsStageConfig] = None
     qpo: Optional[DpoConfig] = None
@@ -419,6 +464,30 @@ class StagesConfig(_Strict):
     responses: Optional[ResponsesStageConfig] = None
     reward: Optional[RewardStageConfig] = None
     selection: Optional[SelectionStageConfig] = None
+
+    @model_validator(mode="after")
+    def _instances(self):
+        for key, raw in list((self.__pydantic_extra__ or {}).items()):
+            m = _INSTANCE.match(key)
+            if m and m["kind"] in type(self).model_fields and m["kind"] not in INSTANCE_KINDS:
+                raise ValueError(f"{key}: only {', '.join(INSTANCE_KINDS)} run as named instances (<stage>@<name>)")
+            if not m or m["kind"] not in INSTANCE_KINDS:
+                raise ValidationError.from_exception_data(type(self).__name__, [
+                    {"type": "extra_forbidden", "loc": (key,), "input": raw}])
+            section_type = next(a for a in get_args(type(self).model_fields[m["kind"]].annotation) if a is not type(None))
+            try:
+                self.__pydantic_extra__[key] = section_type.model_validate(raw)
+            except ValidationError as e:  # keep the field's full path in the one-line error
+                raise ValidationError.from_exception_data(type(self).__name__, [
+                    {"type": err["type"], "loc": (key, *err["loc"]), "input": err["input"],
+                     **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]) from None
+        return self
+
+    def sections(self) -> dict[str, BaseModel]:
+        """Every configured section by stage name, the named instances included."""
+        out = {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+        out.update(self.__pydantic_extra__ or {})
+        return out
 
 
 STAGE_ORDER = ("questions", "responses")
@@ -445,7 +514,8 @@ class StorageConfig(_Strict):
         return v
 
     def rows_for(self, stage: str) -> int:
-        return self.stage_rows_per_file.get(stage, self.rows_per_file)
+        # (an instance such as qpo_pairs@qwen takes its kind's size)
+        return self.stage_rows_per_file.get(stage_kind(stage), self.rows_per_file)
 
 
 class RayConfig(_Strict):
@@ -454,6 +524,9 @@ class RayConfig(_Strict):
     # Logical CPUs for a local Ray. More than the cores: the engine actor holds its CPU for the
     # whole stage and the light map stages still need slots (with exactly 2 on 2 cores, it hangs).
     num_cpus: Optional[int] = None
+    # Show the workers' own output (engine logs, trainer prints) in this console too. Off: it
+    # stays in Ray's session logs (/tmp/ray/session_latest/logs), and the console shows the run.
+    worker_logs: bool = False
 
 
 class RunConfig(_Strict):
@@ -464,7 +537,10 @@ class RunConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)  # none needed for CPU-only stages
     stages: StagesConfig
-    pipeline: list[STAGES] = Field(default_factory=lambda: list(STAGE_ORDER))
+    # Stage names in order; a named instance (qft@qwen) runs the section of that name.
+    pipeline: list[str] = Field(default_factory=lambda: list(STAGE_ORDER))
+    # Write <root>/report/index.html at the end of every run (a few seconds of matplotlib).
+    report: bool = True
 
     @field_validator("root")
     @classmethod
@@ -472,19 +548,36 @@ class RunConfig(_Strict):
         v = _expand(v)
         return v.rstrip("/") if v.startswith("s3://") else str(Path(v).expanduser().absolute())
 
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline(cls, v: list[str]) -> list[str]:
+        known = list(StagesConfig.model_fields)
+        for stage in v:
+            kind = stage_kind(stage)
+            if kind not in known:
+                raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(known)})")
+            if stage != kind and (not _INSTANCE.match(stage) or kind not in INSTANCE_KINDS):
+                raise ValueError(f"'{stage}': only {', '.join(INSTANCE_KINDS)} run as named instances (<stage>@<name>)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a stage appears twice: {v}")
+        return v
+
+    def section(self, stage: str):
+        """The config section of a pipeline entry (a named instance's own), or None."""
+        return getattr(self.stages, stage, None)
+
     @model_validator(mode="after")
     def _references(self):
         stages = self.stages
         for stage in self.pipeline:
-            if getattr(stages, stage) is None:
+            if self.section(stage) is None:
                 raise ValueError(f"pipeline runs '{stage}' but stages.{stage} is not configured")
         refs = []
         if stages.questions:
             refs += [(f"stages.questions.generators.{i}.model", g.model) for i, g in enumerate(stages.questions.generators)]
-        for stage in StagesConfig.model_fields:
-            section = getattr(stages, stage)
+        for stage, section in stages.sections().items():
             for key in ("model", "generator", "optimizer_model"):
-                if section is not None and isinstance(getattr(section, key, None), str):
+                if isinstance(getattr(section, key, None), str):
                     refs.append((f"stages.{stage}.{key}", getattr(section, key)))
         for where, name in refs:
             if name not in self.models:
@@ -493,7 +586,7 @@ class RunConfig(_Strict):
 
     def stage_fingerprint(self, stage: str, upstream: Optional[str] = None) -> str:
         """Hash of everything that changes a stage's output (not how it is scaled)."""
-        section = getattr(self.stages, stage).model_dump(mode="json")
+        section = self.section(stage).model_dump(mode="json")
         used = [g["model"] for g in section.get("generators", [])] + [
             section[k] for k in ("model", "generator", "optimizer_model") if section.get(k)]
         payload = {

@@ -71,6 +71,13 @@ def load_tokenizer(ref: str, s3_endpoint: str | None = None):
 _TOKENIZER_FILES = (".json", ".txt", ".model", ".jinja")
 
 
+def local_model(ref: str, endpoint: str | None) -> str:
+    """A path or hub name that `from_pretrained` can load on this worker (s3:// is downloaded)."""
+    if not ref.startswith("s3://"):
+        return ref
+    return s3_snapshot(ref, endpoint)
+
+
 def _download_s3_tokenizer(uri: str, endpoint: str | None) -> str:
     return s3_snapshot(uri, endpoint, suffixes=_TOKENIZER_FILES)
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class StageInput:
     """What a stage reads, worked out once by the pipeline before the stage runs."""
 
+    stage: str = ""                 # the pipeline entry being run (a named instance: qpo_pairs@qwen)
     uri: Optional[str] = None       # the rows it reads (None: it makes its own, e.g. questions)
     upstream: Optional[str] = None  # identity of what it read, part of its fingerprint
     rows_in: Optional[int] = None   # rows the upstream stage kept (None: not from a stage of this run)

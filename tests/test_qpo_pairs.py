@@ -110,18 +110,6 @@ def _assert_pairs_from_the_http_optimizer(out: Path, result, total: int, capfd) 
             assert API_KEY.encode() not in f.read_bytes()
 
 
-def test_pairs_via_vllm_optimizer(tiny_model, ray_cluster, tmp_path):
-    cfg = load_config(_config(tmp_path, tiny_model, {"optimizer_model": "tiny"}))
-    pipeline.run(cfg)
-    out = Path(cfg.root) / "qpo_pairs"
-    pairs, excluded = _read(out / "data"), _read(out / "exclusions")
-    assert len(pairs) + len(excluded) == 16
-    # a random model never writes the marker: every asked question is excluded with that reason
-    asked = excluded[~excluded.exclude_reason.str.startswith("question_")]
-    assert len(asked) > 0 and set(asked.exclude_reason) <= {"missing_marker", "empty_output"}
-    assert (asked.optimizer == str(tiny_model)).all() and asked.optimizer_output.notna().any()
-
-
 def test_missing_api_key_is_a_clear_error(tiny_model, ray_cluster, tmp_path, monkeypatch):
     from scalequest_ray.storage import InputError
 
@@ -135,8 +123,10 @@ def test_missing_api_key_is_a_clear_error(tiny_model, ray_cluster, tmp_path, mon
 def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_path, fake_openai, monkeypatch, capfd):
     """seed problems -> QFT (DeepSpeed ZeRO-3 over gloo, the GPU config's setting, on CPU workers:
     the sharded weights are gathered for the export) -> QPO pairs from the QFT model through vLLM
-    and an OpenAI-compatible HTTP optimizer (FakeOpenAI: a 429 and a 500 to retry) -> DPO ->
-    questions from the QPO model. A rerun skips every stage."""
+    and an OpenAI-compatible HTTP optimizer (FakeOpenAI: a 429 and a 500 to retry), and a second
+    pair stage whose optimizer is a vLLM pool -> DPO -> questions from the QPO model. The
+    per-generator stages are named instances (qft@a, qpo_pairs@a, qpo_pairs@vllm, qpo@a), as in
+    configs/paper_gpu.yaml: each its own folder, manifest and fingerprint. A rerun skips every stage."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,25 +137,28 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
         "name": "chain", "root": str(tmp_path / "root"), "seed": 5,
         "models": {
             "tiny": {"path": str(tiny_model), "engine": engine, "scale": {"batch_size": 8}},
-            "qft": {"path": "stage:qft", "engine": engine, "scale": {"batch_size": 8}},
-            "qpo": {"path": "stage:qpo", "engine": engine, "scale": {"batch_size": 8}},
+            "qft": {"path": "stage:qft@a", "engine": engine, "scale": {"batch_size": 8}},
+            "qpo": {"path": "stage:qpo@a", "engine": engine, "scale": {"batch_size": 8}},
         },
         "stages": {
             "seed_problems": {},
             # One checkpoint (the last step): ZeRO-3's save goes through Ray Train's report once.
             # A gentle lr: at 1e-3 the tiny model unlearns ending its questions (p(<|im_end|>)
             # fell from 0.027 to 0.0008) and every QPO question is cut at max_tokens.
-            "qft": {**train, "deepspeed": "zero3", "batch_size": 8, "max_examples": 32, "learning_rate": 1e-4,
+            "qft@a": {**train, "deepspeed": "zero3", "batch_size": 8, "max_examples": 32, "learning_rate": 1e-4,
                     "save_steps": 4},
-            "qpo_pairs": {"generator": "qft", "num_questions": 24, "min_chars": 1, "sampling": {"max_tokens": 64},
+            "qpo_pairs@a": {"generator": "qft", "num_questions": 24, "min_chars": 1, "sampling": {"max_tokens": 64},
                           "optimizer_sampling": {"temperature": 0.0, "max_tokens": 32},
                           "optimizer_http": {"base_url": fake_openai, "model": "fake-4o-mini", "api_key_env": "SQ_TEST_OPTIMIZER_KEY",
                                              "qps": 50, "max_retries": 3, "retry_wait_s": 0.05}},
-            "qpo": {**train, "model": "qft", "batch_size": 4, "epochs": 3, "learning_rate": 5e-4, "beta": 0.1},
+            # The same QFT model's questions rewritten by a vLLM pool (a random model: no marker).
+            "qpo_pairs@vllm": {"generator": "qft", "num_questions": 16, "min_chars": 1, "sampling": {"max_tokens": 64},
+                               "optimizer_sampling": {"temperature": 0.0, "max_tokens": 32}, "optimizer_model": "tiny"},
+            "qpo@a": {**train, "model": "qft", "batch_size": 4, "epochs": 3, "learning_rate": 5e-4, "beta": 0.1},
             "questions": {"generators": [{"name": "qpo", "model": "qpo", "num_questions": 8}],
                           "sampling": {"max_tokens": 16}, "min_chars": 1},
         },
-        "pipeline": ["seed_problems", "qft", "qpo_pairs", "qpo", "questions"],
+        "pipeline": ["seed_problems", "qft@a", "qpo_pairs@a", "qpo_pairs@vllm", "qpo@a", "questions"],
     }
     path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -177,7 +170,7 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
     m = qft["metrics"]
     assert m["steps"] == 4 and m["start_step"] == 0 and m["examples"] == 32
     assert m["final_loss"] < m["first_loss"]
-    export = root / "qft" / "model"
+    export = root / "qft@a" / "model"
     assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
     assert qft["model"] == str(export)
     model = AutoModelForCausalLM.from_pretrained(export)
@@ -186,24 +179,35 @@ def test_full_chain_seeds_qft_pairs_qpo_generation(tiny_model, ray_cluster, tmp_
     assert out.shape[1] > 3
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not torch.equal(base.lm_head.weight, model.lm_head.weight)
-    # ... and vLLM generated the pairs' questions from it (model path stage:qft).
+    # ... and vLLM generated the pairs' questions from it (model path stage:qft@a).
     pairs = results[2]
-    assert "qft:" in pairs.manifest["upstream"]
-    _assert_pairs_from_the_http_optimizer(root / "qpo_pairs", pairs, 24, capfd)
+    assert "qft@a:" in pairs.manifest["upstream"] and pairs.manifest["stage"] == "qpo_pairs@a"
+    _assert_pairs_from_the_http_optimizer(root / "qpo_pairs@a", pairs, 24, capfd)
+    # The second pair stage: its own folder and ids; its vLLM optimizer (a random model) never
+    # writes the marker, so every asked question is excluded with that reason.
+    out = root / "qpo_pairs@vllm"
+    kept, excluded = _read(out / "data"), _read(out / "exclusions")
+    assert len(kept) + len(excluded) == 16 and results[3].manifest["stage"] == "qpo_pairs@vllm"
+    asked = excluded[~excluded.exclude_reason.str.startswith("question_")]
+    assert len(asked) > 0 and set(asked.exclude_reason) <= {"missing_marker", "empty_output"}
+    assert (asked.optimizer == str(tiny_model)).all() and asked.optimizer_output.notna().any()
+    assert excluded.query_id.str.startswith("qpo@vllm-").all()
+    assert not set(excluded.query_id) & set(_read(root / "qpo_pairs@a" / "exclusions").get("query_id", []))
 
-    qpo = json.loads((root / "qpo" / "_manifest.json").read_text())
+    qpo = json.loads((root / "qpo@a" / "_manifest.json").read_text())
     m = qpo["metrics"]
     assert m["steps"] >= 3 and m["final_loss"] < m["first_loss"]
     assert m["rewards/margins"][-1] > m["rewards/margins"][0]
-    assert qpo["upstream"].startswith("qpo_pairs:") and "qft:" in qpo["upstream"]
-    assert (root / "qpo" / "model" / "model.safetensors").exists()
+    assert qpo["upstream"].startswith("qpo_pairs@a:") and "qft@a:" in qpo["upstream"]  # its own pairs
+    assert (root / "qpo@a" / "model" / "model.safetensors").exists()
+    assert qpo["resources"]["pools"]["RayTrainWorker"]["replicas"]["max"] == 2  # the ledger: 2 workers
     q = results[-1].manifest
-    assert q["rows"] + q["excluded_rows"] == 8 and "qpo:" in q["upstream"]
+    assert q["rows"] + q["excluded_rows"] == 8 and "qpo@a:" in q["upstream"]
     assert json.loads((root / "questions" / "_manifest.json").read_text())["rows"] == q["rows"]
 
-    # Everything finished: a rerun skips all five stages (the trained ones by their manifests).
+    # Everything finished: a rerun skips all six stages (the trained ones by their manifests).
     calls = len(FakeOpenAI.calls)
     again = pipeline.run(load_config(path))
-    assert again[1]["finished_at"] == qft["finished_at"] and again[3]["finished_at"] == qpo["finished_at"]
-    assert again[0].skipped and again[2].skipped and again[4].skipped
+    assert again[1]["finished_at"] == qft["finished_at"] and again[4]["finished_at"] == qpo["finished_at"]
+    assert again[0].skipped and again[2].skipped and again[3].skipped and again[5].skipped
     assert len(FakeOpenAI.calls) == calls

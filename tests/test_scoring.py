@@ -1,5 +1,6 @@
 """Reward/difficulty scoring: a tiny random sequence-classification model through a Ray Data actor
-pool (batch > 1 == batch 1), and a trust_remote_code model with its own get_scores()."""
+pool (batch > 1 == batch 1); vLLM's classify task ranking rows like the HF pool, for the tiny model
+and SmolLM2 with a head; and a trust_remote_code model with its own get_scores()."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import textwrap
 
 import pytest
 
-from scalequest_ray.scoring import Scorer
+from scalequest_ray.config import ModelConfig
+from scalequest_ray.scoring import Scorer, score
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +46,55 @@ def test_batched_actor_pool_matches_batch_of_one(tiny_reward, ray_cluster):
     assert many == pytest.approx(one, abs=1e-4)
     assert len({round(s, 5) for s in one[:5]}) == 5  # a real model: different texts, different scores
     assert one[:5] == pytest.approx(one[5:10], abs=1e-5)  # deterministic
+
+
+def _pairs(n: int) -> list[dict]:
+    """(question, response) pairs of varied length, as a reward stage sees them."""
+    import random
+
+    rng = random.Random(0)
+    words = "apples pencils train farmer tank litres rectangle triangle angle sum price discount hours speed".split()
+    out = []
+    for i in range(n):
+        q = f"A shop has {rng.randint(2, 500)} {rng.choice(words)}. " + " ".join(rng.choices(words, k=rng.randint(3, 30))) + "?"
+        steps = " ".join(f"Step {k}: {rng.choice(words)} {rng.randint(1, 99)}." for k in range(rng.randint(1, 12)))
+        out.append({"idx": i, "query": q, "response": steps + f" The answer is \\boxed{{{i}}}."})
+    return out
+
+
+def hf_scores(path, rows: list[dict], max_length: int = 256) -> list[float]:
+    """The HF pool's scores for `rows`, computed in this process by the same Scorer its actors run."""
+    scorer = Scorer(**_kwargs(path, max_length=max_length))
+    return scorer.score([r["query"] for r in rows], [r["response"] for r in rows])
+
+
+def assert_same_ranking(reference: list[float], vllm: list[float]) -> float:
+    """vLLM's classify scores rank rows like the HF forward (Spearman >= 0.99), and are raw head
+    outputs (no sigmoid) close to it."""
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(reference, vllm).statistic
+    assert rho >= 0.99, rho
+    assert len(set(round(s, 6) for s in vllm)) > 0.8 * len(vllm)  # real, varied scores
+    assert vllm == pytest.approx(reference, abs=0.05)  # logits, not sigmoid(logit)
+    return rho
+
+
+def test_vllm_classify_ranks_rows_like_the_hf_pool_smollm2(demo_reward, ray_cluster):
+    """SmolLM2 with a one-output head through the reward stage's vLLM engine (Ray Data LLM,
+    classify) against the HF pool's scorer on the same rows. (The tiny reward model's comparison
+    is in the pipeline test, whose reward stage runs on vLLM.)"""
+    import ray
+
+    model = ModelConfig(path=str(demo_reward), engine={"dtype": "float32", "max_model_len": 512, "enforce_eager": True,
+                                                       "cpu_kv_cache_gib": 1}, scale={"batch_size": 16})
+    rows = _pairs(32)
+    ds = ray.data.from_items(rows, override_num_blocks=2)
+    out = score(ds, model, out="reward", pairs=True, method="sequence_classification", max_length=256,
+                engine="vllm", endpoint=None).select_columns(["idx", "reward", "score_error"])
+    got = sorted(out.take_all(), key=lambda r: r["idx"])  # 32 rows: fine to collect in a test
+    assert [r["idx"] for r in got] == list(range(32)) and not any(r["score_error"] for r in got)
+    assert_same_ranking(hf_scores(demo_reward, rows), [r["reward"] for r in got])
 
 
 def test_trust_remote_code_get_scores(tiny_model, tmp_path):

@@ -1,5 +1,5 @@
 """Difficulty (ScaleQuest stage 3, parts c and d): the trained scorer predicts each question's
-fail rate in a batched actor pool; then a configurable share of the easiest questions is dropped
+fail rate (on vLLM replicas, or the HF actor pool with `engine: hf`; scoring.score); then a configurable share of the easiest questions is dropped
 per generator (`drop_easiest`, reason `too_easy`), or the set is sampled to a target histogram
 (`target_histogram`, reason `histogram_sample`). The cut-offs come from per-block histograms
 summed on the driver (bins x generators numbers, never rows)."""
@@ -14,11 +14,18 @@ import pyarrow as pa
 from ..columns import REASON, set_columns, with_ids
 from ..config import RunConfig
 from ..filters import stable_hash
-from ..scoring import Scorer, actor_options
+from ..scoring import score
 from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
 SCORE = "difficulty"
+
+
+def _scored_only(table: pa.Table) -> pa.Table:
+    """Rows the scorer failed on (their reason is scoring_error) take no part in the cut-offs."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_null(table[REASON]))
 
 
 def _group(table: pa.Table, per_generator: bool) -> list[str]:
@@ -40,6 +47,7 @@ def _bins(table: pa.Table, per_generator: bool, ranges: Optional[dict], bins: in
 
 
 def _range(table: pa.Table, per_generator: bool) -> pa.Table:
+    table = _scored_only(table)
     groups = _group(table, per_generator)
     scores = table[SCORE].to_pylist()
     lo: dict[str, float] = {}
@@ -50,6 +58,7 @@ def _range(table: pa.Table, per_generator: bool) -> pa.Table:
 
 
 def _histogram(table: pa.Table, bins: int, per_generator: bool, ranges: Optional[dict]) -> pa.Table:
+    table = _scored_only(table)
     out: dict[tuple[str, int], int] = {}
     for g, b in zip(*_bins(table, per_generator, ranges, bins)):
         out[(g, b)] = out.get((g, b), 0) + 1
@@ -87,8 +96,10 @@ def _select(table: pa.Table, bins: int, per_generator: bool, ranges: Optional[di
             probs: Optional[dict], target: Optional[list], seed: int) -> pa.Table:
     groups, binned = _bins(table, per_generator, ranges, bins)
     reasons = []
-    for g, b, qid in zip(groups, binned, table["query_id"].to_pylist()):
-        if cut is not None:
+    for g, b, qid, before in zip(groups, binned, table["query_id"].to_pylist(), table[REASON].to_pylist()):
+        if before:
+            reasons.append(before)
+        elif cut is not None:
             reasons.append("too_easy" if b < cut.get(g, 0) else None)
         elif probs is not None:
             r = next((i for i, (lo, hi, _) in enumerate(target) if lo <= (b + 0.5) / bins < hi), None)
@@ -99,18 +110,19 @@ def _select(table: pa.Table, bins: int, per_generator: bool, ranges: Optional[di
     return set_columns(table, {REASON: pa.array(reasons, pa.string())})
 
 
+def _errors(table: pa.Table) -> pa.Table:
+    reasons = ["scoring_error" if e else None for e in table["score_error"].to_pylist()]
+    return set_columns(table, {REASON: pa.array(reasons, pa.string())})
+
+
 def build(cfg: RunConfig, storage: Storage, given: StageInput):
     dcfg = cfg.stages.difficulty
     model = cfg.models[dcfg.model]
     source = read_input(given.uri, cfg.storage.endpoint_url, required_column="query").map_batches(with_ids, batch_format="pyarrow")
-    scored = source.map_batches(
-        Scorer, batch_format="pyarrow", **actor_options(model),
-        fn_constructor_kwargs=dict(model_path=model.path, endpoint=cfg.storage.endpoint_url, out=SCORE, pairs=False,
-                                   method="sequence_classification", max_length=dcfg.max_length,
-                                   dtype=model.engine.dtype, trust_remote_code=model.engine.trust_remote_code,
-                                   threads=max(1, int(model.scale.cpus_per_replica))))
+    scored = score(source, model, out=SCORE, pairs=False, method="sequence_classification", max_length=dcfg.max_length,
+                   engine=dcfg.engine, endpoint=cfg.storage.endpoint_url).map_batches(_errors, batch_format="pyarrow")
     if not dcfg.drop_easiest and not dcfg.target_histogram:
-        return scored.map_batches(lambda t: set_columns(t, {REASON: pa.nulls(t.num_rows, pa.string())}), batch_format="pyarrow")
+        return scored
     # Scores are read three times (range, histogram, selection): computed once, kept in the
     # object store (which spills to disk); the driver only sums a few numbers per block.
     scored = scored.materialize()

@@ -22,7 +22,7 @@ import os
 import pandas as pd
 import pyarrow as pa
 
-from ..config import RunConfig
+from ..config import RunConfig, instance_suffix
 from ..engine import build_llm, chat_sampling, engine_result, keep_all
 from ..generation import generate_questions
 from ..prompts import OPTIMIZER_PROMPTS, REWRITE_MARKER
@@ -95,8 +95,7 @@ def _finish_vllm(batch: pd.DataFrame, prefix: str, optimizer: str, sampling: dic
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def _vllm_rewrites(cfg: RunConfig, questions, prefix: str):
-    pcfg = cfg.stages.qpo_pairs
+def _vllm_rewrites(cfg: RunConfig, pcfg, questions, prefix: str):
     model = cfg.models[pcfg.optimizer_model]
     turn, stops, sampling = chat_sampling(model, pcfg.optimizer_sampling, cfg.storage.endpoint_url)
     processor = build_llm(model, _OptimizerPrompt(turn.prefix, turn.suffix, sampling), keep_all, cfg.storage.endpoint_url)
@@ -157,20 +156,20 @@ def _finish_http(batch: pd.DataFrame, prefix: str, optimizer: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def _api_key(cfg: RunConfig) -> str:
-    h = cfg.stages.qpo_pairs.optimizer_http
+def _api_key(stage: str, pcfg) -> str:
+    h = pcfg.optimizer_http
     key = os.environ.get(h.api_key_env)
     if not key:
-        raise InputError(f"stages.qpo_pairs.optimizer_http: environment variable {h.api_key_env} is not set")
+        raise InputError(f"stages.{stage}.optimizer_http: environment variable {h.api_key_env} is not set")
     return key
 
 
-def _http_rewrites(cfg: RunConfig, questions, prefix: str):
+def _http_rewrites(stage: str, pcfg, questions, prefix: str):
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    h = cfg.stages.qpo_pairs.optimizer_http
-    key = _api_key(cfg)
-    s = cfg.stages.qpo_pairs.optimizer_sampling
+    h = pcfg.optimizer_http
+    key = _api_key(stage, pcfg)
+    s = pcfg.optimizer_sampling
     config = HttpRequestProcessorConfig(
         url=h.base_url.rstrip("/") + "/chat/completions",
         headers={"Authorization": f"Bearer {key}"},
@@ -185,16 +184,19 @@ def _http_rewrites(cfg: RunConfig, questions, prefix: str):
 
 
 def build(cfg: RunConfig, storage: Storage, given: StageInput):
-    pcfg = cfg.stages.qpo_pairs
+    stage = given.stage or "qpo_pairs"  # or a named instance, qpo_pairs@<generator>
+    pcfg = cfg.section(stage)
     if pcfg.optimizer_http:
-        _api_key(cfg)  # fail before any engine starts
-    generated, prefix = generate_questions(cfg, "qpo", cfg.models[pcfg.generator], pcfg.num_questions,
+        _api_key(stage, pcfg)  # fail before any engine starts
+    # Ids and seeds are tagged per instance: two generators' pair stages draw different seeds.
+    generated, prefix = generate_questions(cfg, "qpo" + instance_suffix(stage), cfg.models[pcfg.generator], pcfg.num_questions,
                                            pcfg.sampling, pcfg.min_chars, tag="qpo")
     # The generated questions are written once and read twice (kept -> optimizer, failed ->
     # exclusions) instead of running the generator twice.
     generated = generated.materialize()
     questions = generated.map_batches(_with_direction, batch_format="pandas", fn_kwargs={"run_seed": cfg.seed})
-    rewrites = (_http_rewrites if pcfg.optimizer_http else _vllm_rewrites)(cfg, questions, prefix)
+    rewrites = _http_rewrites(stage, pcfg, questions, prefix) if pcfg.optimizer_http else \
+        _vllm_rewrites(cfg, pcfg, questions, prefix)
     failed = generated.map_batches(_failed_questions, batch_format="pandas", fn_kwargs={"prefix": prefix})
     return rewrites.union(failed)
 

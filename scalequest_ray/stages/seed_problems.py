@@ -90,9 +90,14 @@ def _missing(src: SeedSource, what: str, columns) -> None:
     raise InputError(f"{what} has no '{gone[0]}' column (columns: {', '.join(columns)})")
 
 
-def _prepare(batch: pd.DataFrame, column: str, source: str, max_chars: int) -> pd.DataFrame:
+def _prepare(batch: pd.DataFrame, column: str, source: str, max_chars: int, wellformed_only: bool) -> pd.DataFrame:
+    from ..quality import wellformed_reason
+
     queries = [normalize_question(q) for q in batch[column]]
     reasons = ["empty_query" if not q else "query_too_long" if len(q) > max_chars else None for q in queries]
+    if wellformed_only:
+        reasons = [r or (f"not_wellformed:{why}" if (why := wellformed_reason(q)) else None)
+                   for r, q in zip(reasons, queries)]
     return pd.DataFrame({
         "query_id": ["seed-" + hashlib.sha1(q.encode()).hexdigest()[:16] for q in queries],
         "query": queries, "source": source, TOKENS: 0, REASON: reasons,
@@ -116,7 +121,8 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     for src in scfg.sources:
         ds, name, column = _source_dataset(src, cfg.storage.endpoint_url)
         parts.append(ds.map_batches(_prepare, batch_format="pandas",
-                                    fn_kwargs={"column": column, "source": name, "max_chars": scfg.max_chars}))
+                                    fn_kwargs={"column": column, "source": name, "max_chars": scfg.max_chars,
+                                               "wellformed_only": scfg.wellformed_only}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # query_id is the hash of the normalised text: grouping by it finds exact duplicates across
     # sources without collecting anything on the driver.

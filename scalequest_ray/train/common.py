@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import RunConfig, TrainConfig
+from ..models import local_model
 from ..runner import STARTED  # the same attempt marker as the data stages
 from ..storage import InputError, Storage, resolve
 
@@ -39,15 +40,6 @@ def deepspeed_config(kind: str) -> Optional[dict]:
         "fp16": {"enabled": "auto"},
         "zero_optimization": zero,
     }
-
-
-def local_model(ref: str, endpoint: Optional[str]) -> str:
-    """A path or hub name that `from_pretrained` can load on this worker (s3:// is downloaded)."""
-    if not ref.startswith("s3://"):
-        return ref
-    from ..models import s3_snapshot
-
-    return s3_snapshot(ref, endpoint)
 
 
 def scratch_dir(c: dict, stage: str) -> str:
@@ -250,9 +242,15 @@ class FaultInjection:
 
 
 def check_resources(tcfg: TrainConfig, stage: str) -> None:
-    """Fail before training when the cluster cannot place the workers at all."""
+    """Fail before training when the cluster cannot place the workers at all. (One worker's bundle
+    was checked against the nodes and the autoscaler by capacity.check; here, on a cluster of fixed
+    size, the workers together.)"""
     import ray
 
+    from ..capacity import has_autoscaler
+
+    if has_autoscaler():
+        return  # nodes come and go: what exists now is not the limit
     have = ray.cluster_resources()
     need_cpu = tcfg.workers * tcfg.cpus_per_worker
     need_gpu = tcfg.workers * tcfg.gpus_per_worker
@@ -291,7 +289,7 @@ def run_training(cfg: RunConfig, storage: Storage, stage: str, loop: Callable, l
     storage.write_json(started_path, {"config_hash": fingerprint, "started_at": time.time()})
 
     on_gpu = tcfg.gpus_per_worker > 0
-    resources = {"CPU": tcfg.cpus_per_worker}
+    resources = {"CPU": tcfg.cpus_per_worker, **tcfg.resources}
     if on_gpu:
         resources["GPU"] = tcfg.gpus_per_worker
     ray_storage = storage.path(stage, RAY_DIR)
@@ -311,6 +309,9 @@ def run_training(cfg: RunConfig, storage: Storage, stage: str, loop: Callable, l
     )
     t0 = time.time()
     trainer.fit()
+    from ..ledger import stage_ledger
+
+    held = stage_ledger(t0)
     metrics = storage.read_json(storage.path(stage, METRICS))
     manifest = {
         "stage": stage,
@@ -322,6 +323,7 @@ def run_training(cfg: RunConfig, storage: Storage, stage: str, loop: Callable, l
         "seconds": round(time.time() - t0, 3),
         "finished_at": time.time(),
         "config": tcfg.model_dump(mode="json"),
+        "resources": held,
     }
     storage.write_json(storage.path(stage, "_manifest.json"), manifest)
     # Like a data stage's: the attempt marker only matters until the manifest exists.

@@ -50,11 +50,12 @@ def train_loop(c: dict) -> None:
     train_and_export(SFTTrainer, c, model, tokenizer, datasets.Dataset.from_list(rows), args)
 
 
-def run(cfg: RunConfig, storage: Storage, force: bool = False, fault: Optional[dict] = None, echo=print,
-        depends_on: str = "") -> dict:
-    """The `qft` stage: seed problems -> fine-tuned question generator (HF checkpoint).
-    `depends_on`: hashes of training stages whose exported model this one starts from."""
-    tcfg = cfg.stages.qft
+def run(cfg: RunConfig, storage: Storage, stage: str = "qft", force: bool = False, fault: Optional[dict] = None,
+        echo=print, depends_on: str = "") -> dict:
+    """The `qft` stage (or a named instance, qft@<generator>): seed problems -> fine-tuned question
+    generator (HF checkpoint). `depends_on`: hashes of training stages whose exported model this
+    one starts from."""
+    tcfg = cfg.section(stage)
     model = cfg.models[tcfg.model]
     if tcfg.input:
         data_uri, upstream = tcfg.input, "input:" + tcfg.input
@@ -64,9 +65,9 @@ def run(cfg: RunConfig, storage: Storage, force: bool = False, fault: Optional[d
         if seeds is None:
             from ..storage import InputError
 
-            raise InputError("the seed_problems stage has not finished in this run root; run it first or set stages.qft.input")
+            raise InputError(f"the seed_problems stage has not finished in this run root; run it first or set stages.{stage}.input")
         data_uri, upstream = storage.uri("seed_problems", "data"), "seed_problems:" + seeds["config_hash"]
     loop_config = {**tcfg.model_dump(mode="json"), "accumulation": tcfg.accumulation, "model_path": model.path,
                    "data_uri": data_uri, "fault": fault}
     upstream = "|".join(filter(None, [upstream, depends_on]))
-    return run_training(cfg, storage, "qft", train_loop, loop_config, upstream, force=force, echo=echo)
+    return run_training(cfg, storage, stage, train_loop, loop_config, upstream, force=force, echo=echo)

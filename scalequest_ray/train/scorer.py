@@ -61,8 +61,8 @@ def train_loop(c: dict) -> None:
                      evaluate=evaluate, data_collator=DataCollatorWithPadding(tokenizer))
 
 
-def run(cfg: RunConfig, storage: Storage, force: bool = False, fault: Optional[dict] = None, echo=print,
-        depends_on: str = "") -> dict:
+def run(cfg: RunConfig, storage: Storage, stage: str = "difficulty_scorer", force: bool = False,
+        fault: Optional[dict] = None, echo=print, depends_on: str = "") -> dict:
     tcfg = cfg.stages.difficulty_scorer
     if tcfg.input:
         data_uri, upstream = tcfg.input, "input:" + tcfg.input
