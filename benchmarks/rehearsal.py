@@ -1,0 +1,279 @@
+"""The 1M rehearsal: the whole chain at the size the product exists for, on this machine, with the
+tiny random model (1-4 output tokens per row), local storage, one run:
+
+  N questions through questions -> language -> dedup, and M candidates (M / 5 questions x 5)
+  through responses -> reward -> selection; the same at 100K first (the driver's memory at both
+  sizes); the responses stage again with the driver killed (SIGKILL) once half of it is
+  committed and the same command rerun (rows generated twice); and our responses stage against a
+  bare `ray.data.llm` processor over the same 100,000 requests, side by side.
+
+Per stage: rows, wall seconds, rows/s, the driver's peak RSS, object-store bytes spilled, files
+written. The tiny model writes random text, so the language filter here keeps any language and
+any form (the filters' quality is tested elsewhere; here they carry the rows).
+
+    python benchmarks/rehearsal.py --questions 1000000 --candidates 1000000 [--root /tmp/sq-rehearsal]
+
+Last line: driver_peak_growth_pct=<from 100K to 1M> overhead_ratio=<ours/bare rows/s at 100K>
+regenerated_after_resume=<rows generated again after the kill>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scalequest_ray import pipeline  # noqa: E402
+from scalequest_ray.config import RunConfig  # noqa: E402
+from scalequest_ray.models import build_scorer_model, build_tiny_model, cache_dir, demo_model_dir  # noqa: E402
+
+N_CANDIDATES = 5
+ENGINE = {"max_model_len": 512, "enforce_eager": True, "cpu_kv_cache_gib": 2, "max_num_seqs": 256}
+
+
+class PeakRSS:
+    """This (driver) process's resident memory, sampled every 50 ms; `take()` returns the peak
+    since the last take."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.05)
+
+    def take(self) -> int:
+        peak, self.peak = self.peak, self.proc.memory_info().rss
+        return peak
+
+    def stop(self):
+        self._stop.set()
+
+
+def spilled_bytes() -> int:
+    """Object-store bytes spilled to disk so far (Ray's own memory summary)."""
+    from ray._private.internal_api import memory_summary
+
+    m = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    return int(m.group(1)) * 2**20 if m else 0
+
+
+def config(root: Path, tiny: Path, reward: Path, questions: int, input_file: str | None, stages: list[str]) -> dict:
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    langs = sorted(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
+    return {
+        "name": "rehearsal", "root": str(root), "seed": 3, "report": False,
+        "storage": {"rows_per_file": 20000},
+        "models": {"tiny": {"path": str(tiny), "engine": ENGINE, "scale": {"batch_size": 512, "cpus_per_replica": 1}},
+                   "reward": {"path": str(reward), "engine": {**ENGINE, "dtype": "float32"},
+                              "scale": {"batch_size": 512, "cpus_per_replica": 1}}},
+        "stages": {
+            "questions": {"generators": [{"name": "tiny", "model": "tiny", "num_questions": questions}],
+                          "sampling": {"temperature": 1.0, "top_p": 0.99, "max_tokens": 4}, "min_chars": 1},
+            "language": {"languages": langs, "min_words": 1, "require_question": False},
+            "dedup": {},
+            "responses": {"model": "tiny", "n": N_CANDIDATES, "sampling": {"max_tokens": 4}, "input": input_file},
+            "reward": {"model": "reward", "max_length": 128},
+            "selection": {},
+        },
+        "pipeline": stages,
+    }
+
+
+def first_rows(folder: Path, n: int, out: Path) -> int:
+    """The first n rows (query_id, query) of a stage's data/ into one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts, have = [], 0
+    for f in sorted(folder.glob("*.parquet")):
+        t = pq.read_table(f, columns=["query_id", "query"])
+        parts.append(t.slice(0, n - have))
+        have += parts[-1].num_rows
+        if have >= n:
+            break
+    pq.write_table(pa.concat_tables(parts), out)
+    return have
+
+
+def run_chain(label: str, base: Path, tiny: Path, reward: Path, questions: int, candidates: int, rss: PeakRSS) -> dict:
+    """questions -> language -> dedup at `questions` rows, then responses -> reward -> selection on
+    candidates / 5 of the dedup'd questions. Returns the driver's peak RSS over the chain."""
+    root = base / label
+    shutil.rmtree(root, ignore_errors=True)
+    peaks = []
+    cfg = RunConfig.model_validate(config(root / "run", tiny, reward, questions, None, ["questions", "language", "dedup"]))
+    results = report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
+    inputs = root / "inputs" / "questions.parquet"
+    got = first_rows(root / "run" / "dedup" / "data", candidates // N_CANDIDATES, inputs)
+    cfg = RunConfig.model_validate(config(root / "run", tiny, reward, questions, str(inputs),
+                                          ["responses", "reward", "selection"]))
+    results += report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
+    print(f"{label}: {got} questions x {N_CANDIDATES} candidates", flush=True)
+    return {"peak": max(peaks), "root": root, "inputs": inputs, "results": results}
+
+
+def report(label: str, results: list, rss: PeakRSS, peaks: list) -> list:
+    out = []
+    for r in results:
+        m = r.manifest
+        rows = m["rows"] + m["excluded_rows"]
+        peak = rss.take()
+        peaks.append(peak)
+        line = {"size": label, "stage": r.stage, "rows": rows, "seconds": m["seconds"],
+                "rows_per_s": round(rows / max(m["seconds"], 1e-9), 1), "driver_peak_mib": round(peak / 2**20, 1),
+                "spilled_mib": round(spilled_bytes() / 2**20, 1),
+                "files": len(m["files"]) + len(m["exclusion_files"])}
+        print(f"{label:>5} {r.stage:<11} rows {rows:>9}  {m['seconds']:8.1f} s  {line['rows_per_s']:>8} rows/s  "
+              f"driver peak {line['driver_peak_mib']:7.1f} MiB  spilled {line['spilled_mib']:8.1f} MiB  "
+              f"files {line['files']}", flush=True)
+        out.append(line)
+    return out
+
+
+def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int) -> float:
+    """A bare ray.data.llm processor over the same requests our responses stage sends (the same
+    prompts, sampling and per-row seeds, engine settings from the same config): rows/s."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from scalequest_ray.config import ModelConfig
+    from scalequest_ray.engine import chat_sampling, cpu_engine_env, engine_kwargs
+    from scalequest_ray.text import derive_seed, solver_user_text
+    from scalequest_ray.prompts import SOLVER_INSTRUCTION
+    from scalequest_ray.config import SamplingConfig
+
+    model = ModelConfig(path=str(tiny), engine=ENGINE, scale={"batch_size": 512, "cpus_per_replica": 1})
+    turn, _, sampling = chat_sampling(model, SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=4))
+
+    def expand(batch):
+        rows = {"prompt": [], "sampling_params": []}
+        for qid, q in zip(batch["query_id"], batch["query"]):
+            for k in range(N_CANDIDATES):
+                rows["prompt"].append(turn.prefix + solver_user_text(q, SOLVER_INSTRUCTION) + turn.suffix)
+                rows["sampling_params"].append({**sampling, "seed": derive_seed(run_seed, "responses", qid, k)})
+        return rows
+
+    config = vLLMEngineProcessorConfig(
+        model_source=str(tiny), engine_kwargs=engine_kwargs(model), runtime_env={"env_vars": cpu_engine_env(model)},
+        batch_size=512, concurrency=1, placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    processor = build_processor(config, preprocess=lambda r: r, postprocess=lambda r: {
+        "text": r.get("generated_text"), "n": r.get("num_generated_tokens")})
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    ds = processor(ray.data.read_parquet(str(inputs)).map_batches(expand))
+    ds.write_parquet(str(out))
+    elapsed = time.time() - t0
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
+    return rows / elapsed
+
+
+def kill_and_resume(base: Path, tiny: Path, reward: Path, inputs: Path, total: int) -> dict:
+    """The responses stage with its driver (the CLI, as a user runs it) killed by SIGKILL once half
+    of its rows are committed, then the same command again: rows generated twice."""
+    import pyarrow.parquet as pq
+
+    root = base / "kill"
+    shutil.rmtree(root, ignore_errors=True)
+    path = base / "kill.yaml"
+    path.write_text(json.dumps(config(root, tiny, reward, 1, str(inputs), ["responses"])))
+    cmd = [str(Path(sys.executable).parent / "scalequest-ray"), "run", str(path)]
+    ckpt = root / "_checkpoints" / "responses"
+
+    def committed() -> list[Path]:
+        return [f for f in ckpt.glob("*.parquet") if not f.name.endswith(".pending.parquet")] if ckpt.exists() else []
+
+    def committed_ids() -> set:
+        ids = set()
+        for f in committed():
+            ids.update(pq.read_table(f)["response_id"].to_pylist())  # the stage's resume id
+        return ids
+
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while True:  # half of the candidates committed (each committed file holds rows_per_file ids)
+        if driver.poll() is not None:
+            raise RuntimeError("the first attempt finished before it could be killed")
+        if len(committed()) * 20000 >= total // 2:
+            break
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    killed_after = time.time() - t0
+    before = committed_ids()
+    files_before = {f.name for sub in ("data", "exclusions") for f in (root / "responses" / sub).glob("*.parquet")}
+    t1 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    rerun_s = time.time() - t1
+    m = json.loads((root / "responses" / "_manifest.json").read_text())
+    again = []
+    for sub in ("data", "exclusions"):
+        for f in (root / "responses" / sub).glob("*.parquet"):
+            if f.name not in files_before:
+                again += pq.read_table(f, columns=["response_id"])["response_id"].to_pylist()
+    regenerated = len(set(again) & before)
+    print(f"kill: after {killed_after:.0f} s, {len(before)} candidates committed; rerun {rerun_s:.0f} s: "
+          f"{m['resumed_rows']} taken over, {m['rows_written']} written, {regenerated} generated twice", flush=True)
+    return {"committed": len(before), "regenerated": regenerated, "manifest_rows": m["rows"] + m["excluded_rows"]}
+
+
+def main():
+    import ray
+
+    from scalequest_ray.engine import configure_data_context
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--questions", type=int, default=1_000_000)
+    ap.add_argument("--candidates", type=int, default=1_000_000)
+    ap.add_argument("--small", type=int, default=100_000, help="the size the driver's memory is compared with")
+    ap.add_argument("--root", default="/tmp/sq-rehearsal")
+    args = ap.parse_args()
+    base = Path(args.root)
+    base.mkdir(parents=True, exist_ok=True)
+    tiny = build_tiny_model(cache_dir() / "models" / "tiny-llama-test", tokenizer_from=demo_model_dir())
+    reward = build_scorer_model(cache_dir() / "models" / "tiny-llama-reward-test", tiny)
+    configure_data_context()
+    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
+             log_to_driver=False)
+    rss = PeakRSS()
+    t0 = time.time()
+    small = run_chain("100K", base, tiny, reward, args.small, args.small, rss)
+    # Same requests, side by side: our responses stage (from the 100K chain) and a bare processor.
+    ours = next(r for r in small["results"] if r["stage"] == "responses")["rows_per_s"]
+    bare = bare_processor(tiny, small["inputs"], base / "bare", run_seed=3)
+    print(f"100K candidates: our responses stage {ours:.0f} rows/s, bare ray.data.llm {bare:.0f} rows/s", flush=True)
+    big = run_chain("1M", base, tiny, reward, args.questions, args.candidates, rss)
+    kill = kill_and_resume(base, tiny, reward, big["inputs"], args.candidates)
+    rss.stop()
+    ray.shutdown()
+    growth = 100 * (big["peak"] - small["peak"]) / small["peak"]
+    print(f"driver peak: {small['peak'] / 2**20:.0f} MiB at 100K, {big['peak'] / 2**20:.0f} MiB at 1M "
+          f"(whole rehearsal {time.time() - t0:.0f} s)")
+    print(f"driver_peak_growth_pct={growth:.1f} overhead_ratio={ours / bare:.2f} "
+          f"regenerated_after_resume={kill['regenerated']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Can this cluster run a stage at all? Checked before any stage starts, so that a request no node
+can ever satisfy fails in seconds with one line instead of waiting forever (Ray queues an
+infeasible actor or task without end).
+
+What a stage needs is one bundle per unit of its work: a vLLM replica (its placement bundle), a
+scoring actor, a Ray Train worker, or a Ray Data task (1 CPU). A bundle fits a node whose total
+resources cover it. The nodes that can exist are the alive ones plus, on an autoscaling cluster,
+whatever node type Ray's autoscaler (v2) says it can launch for the bundle
+(`autoscaler_probe`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import TRAINING_STAGES, ModelConfig, RunConfig, stage_kind
+from .storage import InputError
+
+
+def replica_bundles(model: ModelConfig) -> list[dict]:
+    """The placement bundles of one vLLM replica, as engine.build_llm asks Ray Data LLM for them."""
+    s = model.scale
+    extra = dict(s.resources)
+    if s.accelerator_type:
+        extra[f"accelerator_type:{s.accelerator_type}"] = 0.001
+    if s.gpus_per_replica > 0 and s.tensor_parallel_size > 1:
+        return [{"CPU": max(s.cpus_per_replica / s.tensor_parallel_size, 1), "GPU": 1, **extra}] * s.tensor_parallel_size
+    bundle = {"CPU": s.cpus_per_replica, **extra}
+    if s.gpus_per_replica > 0:
+        bundle["GPU"] = s.gpus_per_replica
+    return [bundle]
+
+
+def actor_bundle(model: ModelConfig) -> dict:
+    """What one HF scoring actor asks for (scoring.actor_options)."""
+    s = model.scale
+    bundle = {"CPU": s.cpus_per_replica, **s.resources}
+    if s.gpus_per_replica:
+        bundle["GPU"] = s.gpus_per_replica
+    if s.accelerator_type:
+        bundle[f"accelerator_type:{s.accelerator_type}"] = 0.001
+    return bundle
+
+
+def stage_needs(cfg: RunConfig, stage: str) -> list[tuple[str, dict]]:
+    """(what, bundle) for every kind of unit the stage schedules."""
+    from .scoring import scoring_engine
+    from .stages import registry
+
+    kind, section = stage_kind(stage), cfg.section(stage)
+    task = ("a Ray Data task", {"CPU": 1})
+    if kind in TRAINING_STAGES:
+        worker = {"CPU": section.cpus_per_worker, **section.resources}
+        if section.gpus_per_worker:
+            worker["GPU"] = section.gpus_per_worker
+        return [("a Ray Train worker", worker)]
+    runs_on = registry()[kind].runs_on
+    needs = [task]
+    if runs_on == "engine":
+        names = [g.model for g in getattr(section, "generators", [])] + [
+            getattr(section, k) for k in ("model", "generator", "optimizer_model") if getattr(section, k, None)]
+        for name in dict.fromkeys(names):
+            needs += [(f"a vLLM replica of models.{name}", b) for b in replica_bundles(cfg.models[name])]
+    elif runs_on == "scoring":
+        model = cfg.models[section.model]
+        method = getattr(section, "method", "sequence_classification")
+        if scoring_engine(method, section.engine, model) == "vllm":
+            needs += [(f"a vLLM replica of models.{section.model}", b) for b in replica_bundles(model)]
+        else:
+            needs.append((f"a scoring actor of models.{section.model}", actor_bundle(model)))
+    return needs
+
+
+def fits(bundle: dict, node: dict) -> bool:
+    return all(node.get(k, 0) >= v for k, v in bundle.items() if v)
+
+
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if v and k != "object_store_memory"
+                     and k != "memory" and not k.startswith("node:")) or "nothing"
+
+
+def check(cfg: RunConfig, stages: list[str], nodes: list[dict], autoscaler=None) -> None:
+    """Raise InputError (one line) for the first stage with a unit that no alive node can hold and
+    (when an autoscaler runs) that the autoscaler calls infeasible. `nodes`: total resources of the
+    alive nodes; `autoscaler`: None, or a callable bundle -> True (a node type can hold it) /
+    False (none can) / None (the autoscaler did not say)."""
+    verdicts: dict = {}  # one question to the autoscaler per distinct bundle
+    for stage in stages:
+        for what, bundle in stage_needs(cfg, stage):
+            if any(fits(bundle, n) for n in nodes):
+                continue
+            key = tuple(sorted(bundle.items()))
+            if autoscaler is not None and key not in verdicts:
+                verdicts[key] = autoscaler(bundle)
+            if autoscaler is not None and verdicts[key] is not False:
+                continue
+            where = "no node of this cluster, and no node type of its autoscaler," if autoscaler is not None else \
+                "no node of this cluster (and no autoscaler adds nodes)"
+            largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+            raise InputError(f"stages.{stage}: {what} needs {_fmt(bundle)}; {where} has that "
+                             f"(the largest node has {_fmt(largest)})")
+
+
+def has_autoscaler() -> bool:
+    """Whether an autoscaler (v1 or v2) publishes its state in this cluster's GCS."""
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    try:
+        return bool(_internal_kv_exists("__autoscaling_status"))
+    except Exception:  # noqa: BLE001 - no GCS to ask: treat as a fixed cluster
+        return False
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _same(a: dict, b: dict) -> bool:
+    keys = {k for k, v in {**a, **b}.items() if v}
+    return all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-9 for k in keys)
+
+
+def _infeasible_v2(gcs_address: str) -> list[dict]:
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(GcsClient(gcs_address).get_cluster_status(timeout_s=10))
+    state = reply.autoscaling_state
+    return [dict(r.resources_bundle) for r in state.infeasible_resource_requests]
+
+
+def _infeasible_v1(gcs_address: str) -> list[dict]:
+    """Autoscaler v1 says what no node type can hold in a cluster event ("Error: No available node
+    types can fulfill resource request {...}"), read through the dashboard's state API."""
+    import ast
+    import re
+
+    from ray.util.state import list_cluster_events
+
+    out = []
+    for e in list_cluster_events(address=gcs_address, limit=1000, raise_on_missing_output=False):
+        m = re.search(r"can fulfill resource request (\{[^}]*\})", str(getattr(e, "message", "")))
+        if getattr(e, "source_type", "") == "AUTOSCALER" and m:
+            out.append(ast.literal_eval(m.group(1)))
+    return out
+
+
+def autoscaler_probe(timeout: float = 30.0):
+    """A feasibility test by Ray's own autoscaler (v1 or v2), or None when none runs here.
+
+    The node types are the autoscaler's: a task that needs exactly the bundle is submitted (a task,
+    not a placement group: v1 reports infeasible tasks only), and either it runs (an alive node,
+    or one the autoscaler launched for it, can hold the bundle) or the autoscaler reports the
+    request as one no node type can fulfil (v2: its infeasible requests; v1: a cluster event).
+    The task is cancelled right away; a node launched for it serves the stage that comes next."""
+    if not has_autoscaler():
+        return None
+    import ray
+
+    gcs_address = ray.get_runtime_context().gcs_address
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        infeasible = _infeasible_v2 if is_autoscaler_v2(fetch_from_server=True) else _infeasible_v1
+    except Exception:  # noqa: BLE001 - an autoscaler state we cannot read: no verdict
+        return lambda bundle: None
+
+    def feasible(bundle: dict) -> Optional[bool]:
+        import time
+
+        want = {k: float(v) for k, v in bundle.items() if v}
+        options = {"num_cpus": want.get("CPU", 0), "num_gpus": want.get("GPU", 0),
+                   "resources": {k: v for k, v in want.items() if k not in ("CPU", "GPU")}}
+        ref = ray.remote(**options)(_noop).remote()
+        try:
+            end = time.time() + timeout
+            while time.time() < end:
+                ready, _ = ray.wait([ref], timeout=1.0)
+                if ready:
+                    return True
+                try:
+                    if any(_same(r, want) for r in infeasible(gcs_address)):
+                        return False
+                except Exception:  # noqa: BLE001 - no verdict to read (e.g. no dashboard)
+                    return None
+            return None
+        finally:
+            ray.cancel(ref, force=True)
+
+    return feasible
+
+
+def _noop() -> int:
+    return 0
