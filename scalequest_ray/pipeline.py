@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Optional
 
 from .chain import resolve_input
-from .config import CHAIN, TRAINING_STAGES, ConfigError, RunConfig
+from .config import CHAIN, TRAINING_STAGES, ConfigError, RunConfig, stage_kind
 from .runner import run_stage
 from .stages import registry
 from .storage import InputError, Storage, read_input
@@ -15,7 +15,7 @@ from .storage import InputError, Storage, read_input
 def _resolve_stage_models(cfg: RunConfig, storage: Storage, stage: str, declared: dict) -> list[str]:
     """Point `stage:qft`-style model paths used by `stage` at the exported checkpoints; returns
     the hashes of those training stages (they are part of what the stage depends on)."""
-    section = getattr(cfg.stages, stage)
+    section = cfg.section(stage)
     names = [g.model for g in getattr(section, "generators", [])] + [
         getattr(section, k) for k in ("model", "generator", "optimizer_model") if getattr(section, k, None)]
     hashes = []
@@ -37,10 +37,10 @@ def funnel(cfg: RunConfig, storage: Storage, stages: list[str]) -> list[dict]:
     out = []
     for stage in stages:
         m = storage.manifest(stage)
-        if m is None or stage in TRAINING_STAGES:
+        if m is None or stage_kind(stage) in TRAINING_STAGES:
             continue
         rows_in = m.get("rows_in")
-        row = {"stage": stage, "unit": specs[stage].unit,
+        row = {"stage": stage, "unit": specs[stage_kind(stage)].unit,
                "rows_in": m["rows"] + m["excluded_rows"] if rows_in is None else rows_in,
                "kept": m["rows"], "dropped": m["excluded_rows"], "dropped_by_reason": m.get("excluded_by_reason", {})}
         quality = m.get("question_quality")
@@ -72,34 +72,53 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
     storage = Storage(cfg.root, cfg.storage.endpoint_url)
     selected = stages or cfg.pipeline
     for stage in selected:
-        if stage not in type(cfg.stages).model_fields:
+        if stage_kind(stage) not in type(cfg.stages).model_fields:
             raise ConfigError(f"unknown stage '{stage}' (stages: {', '.join(type(cfg.stages).model_fields)})")
-        if getattr(cfg.stages, stage) is None:
+        if cfg.section(stage) is None:
             raise ConfigError(f"stages.{stage} is not configured")
     init_ray(cfg)
+    # A unit of work no node can ever hold fails here, in one line, instead of waiting forever.
+    from . import capacity
+
+    capacity.check(cfg, selected, capacity.alive_nodes(), capacity.autoscaler_probe())
     # Cheap checks of the user's input file happen before any engine starts.
     for stage in selected:
-        given = getattr(getattr(cfg.stages, stage), "input", None)
+        given = getattr(cfg.section(stage), "input", None)
         if given and stage in CHAIN:
             read_input(given, cfg.storage.endpoint_url, required_column="query")
     declared = {name: m.path for name, m in cfg.models.items()}
     results = []
     for stage in selected:
         trained = _resolve_stage_models(cfg, storage, stage, declared)
-        if stage in TRAINING_STAGES:
+        kind = stage_kind(stage)
+        if kind in TRAINING_STAGES:
             from .train import qft, qpo, scorer
 
-            recipe = {"qft": qft, "qpo": qpo, "difficulty_scorer": scorer}[stage]
-            results.append(recipe.run(cfg, storage, force=force, echo=echo, depends_on="|".join(trained)))
+            recipe = {"qft": qft, "qpo": qpo, "difficulty_scorer": scorer}[kind]
+            results.append(recipe.run(cfg, storage, stage=stage, force=force, echo=echo, depends_on="|".join(trained)))
             continue
         given = resolve_input(cfg, storage, stage)
         if trained:  # the exported models it uses are part of what it depends on
             given = replace(given, upstream="|".join(filter(None, [given.upstream, *trained])))
-        result = run_stage(cfg, storage, specs[stage], given, force=force)
+        # A named instance (qpo_pairs@qwen) is its kind's stage under its own name: folder, manifest, resume.
+        result = run_stage(cfg, storage, replace(specs[kind], name=stage), given, force=force, echo=echo)
         echo(result.summary())
         results.append(result)
     rows = funnel(cfg, storage, cfg.pipeline)
     if any(r["stage"] in selected for r in rows):
         storage.write_json(storage.path("funnel.json"), {"stages": rows})
         echo(format_funnel(rows))
+        views(cfg, storage, echo)
     return results
+
+
+def views(cfg: RunConfig, storage: Storage, echo=print) -> None:
+    """What a person opens after a run: the dataset card beside the final dataset (so that
+    `datasets.load_dataset(<root>/selection)` loads it) and the HTML report of the whole run."""
+    from . import card, cost, report
+
+    with cost.endpoint(cfg.storage.endpoint_url):
+        if cfg.stages.selection and storage.manifest("selection"):
+            echo(f"dataset card: {card.write_card(cfg.root, cfg, license=cfg.stages.selection.license)}")
+        if cfg.report:
+            echo(f"report: {report.build_report(cfg.root, cfg=cfg)}")

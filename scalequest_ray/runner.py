@@ -196,7 +196,37 @@ def _clear(storage: Storage, stage: str) -> None:
     _drop_checkpoint(storage, stage)
 
 
-def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, force: bool = False) -> StageResult:
+def expected_rows(cfg: RunConfig, stage: str, given: StageInput) -> Optional[int]:
+    """How many rows the stage will write (kept + excluded), when it can be known up front."""
+    from .config import stage_kind
+
+    kind, section = stage_kind(stage), cfg.section(stage)
+    if kind == "questions":
+        return sum(g.num_questions for g in section.generators)
+    if kind == "qpo_pairs":
+        return section.num_questions
+    if given.rows_in is None:
+        return None
+    return given.rows_in * section.n if kind == "responses" else given.rows_in
+
+
+def _written_so_far(storage: Storage, stage: str):
+    """(rows, generated tokens) in the stage's written files, from their footers; each file's
+    footer is read once."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def done() -> tuple[int, int]:
+        new = [f for sub in ("data", "exclusions") for f in storage.parquet_files(storage.path(stage, sub))
+               if f not in seen]
+        for f, (rows, stats) in zip(new, storage.footers(new)):
+            seen[f] = (rows, int(stats.get("output_tokens", 0)))
+        return sum(r for r, _ in seen.values()), sum(t for _, t in seen.values())
+
+    return done
+
+
+def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, force: bool = False,
+              echo=print) -> StageResult:
     """Run `spec` on `given` (its input, upstream identity and rows in, worked out once by the
     pipeline). `spec.build` returns a Ray Dataset with a REASON column (null = kept).
 
@@ -225,9 +255,18 @@ def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, 
         dataset.context.checkpoint_config = checkpoint_config(storage, stage, resume_id)
     sink = _split_sink_class()(storage.path(stage), storage.fs, cfg.storage.rows_for(stage), tuple(spec.private_columns),
                                spec.tokens_column, spec.counters, bool(spec.jsonl and spec.jsonl(cfg)))
-    dataset.write_datasink(sink)
+    from .console import StageProgress, interactive
+
+    if interactive():  # Ray Data's own progress bars show the rows
+        dataset.write_datasink(sink)
+    else:
+        with StageProgress(stage, _written_so_far(storage, stage), expected_rows(cfg, stage, given), echo):
+            dataset.write_datasink(sink)
 
     extra = spec.finish(cfg, storage) if spec.finish else {}
+    from .ledger import stage_ledger
+
+    extra["resources"] = stage_ledger(started)
     if sink.jsonl:
         extra["jsonl_files"] = sorted(storage._rel(f) for f in storage.files(storage.path(stage, "jsonl")))
     manifest = storage.commit_stage(
