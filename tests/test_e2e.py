@@ -18,16 +18,48 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_config_end_to_end(demo_model, ray_cluster, tmp_path):
+    """The demo's method with the real SmolLM2, small N: seed problems -> QFT with the demo's Ray
+    Train settings (its peak memory measured and printed for the record) -> questions from the QFT
+    model -> responses."""
+    import threading
+    import time
+
+    import psutil
+
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"root={tmp_path / 'demo'}",
-        "pipeline=[questions, responses]",
+        "pipeline=[seed_problems, qft, questions, responses]",
+        "stages.qft.max_examples=16", "stages.qft.save_steps=2",  # 2 steps of 8
         "stages.questions.generators.0.num_questions=8",
-        "stages.questions.sampling.max_tokens=160",
+        "stages.questions.sampling.max_tokens=96",
         "stages.responses.n=2",
-        "stages.responses.sampling.max_tokens=160",
+        "stages.responses.sampling.max_tokens=96",
     ])
-    results = pipeline.run(cfg)
-    assert [r.stage for r in results] == ["questions", "responses"]
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            total = 0
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker") and p.info["memory_info"]:
+                    total += p.info["memory_info"].rss
+            peak[0] = max(peak[0], total)
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        results = pipeline.run(cfg)
+    finally:
+        done.set()
+        sampler.join()
+    assert [r["stage"] if isinstance(r, dict) else r.stage for r in results] == cfg.pipeline
+    metrics = results[1]["metrics"]
+    print(f"QFT SmolLM2-135M, {cfg.stages.qft.workers} worker(s), {metrics['steps']} steps: peak RSS of the workers "
+          f"{peak[0] / 2**30:.2f} GiB; loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}")
+    # 2 steps: the optimizer state exists from the first, and the step-2 checkpoint is saved.
+    assert metrics["steps"] == 2 and peak[0] > 2**30  # the sampler saw the workers
+    assert peak[0] < 12 * 10**9
     root = tmp_path / "demo"
     q = json.loads((root / "questions" / "_manifest.json").read_text())
     r = json.loads((root / "responses" / "_manifest.json").read_text())
@@ -35,7 +67,8 @@ def test_demo_config_end_to_end(demo_model, ray_cluster, tmp_path):
     assert r["rows"] == 2 * q["rows"]
     questions = pd.read_parquet(root / "questions" / "data")
     responses = pd.read_parquet(root / "responses" / "data")
-    # a real model writes real, varied text
+    # the questions come from the QFT model this run exported; a real model writes real, varied text
+    assert (questions["generator_model"] == str(root / "qft" / "model")).all()
     assert questions["query"].nunique() == len(questions)
     assert responses["response"].str.split().str.len().max() >= 20
     assert responses["response"].nunique() == len(responses)

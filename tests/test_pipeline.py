@@ -140,6 +140,17 @@ def test_solvability_and_difficulty(full_run):
     scored = root.read("difficulty")
     dropped = root.read("difficulty", "exclusions")
     assert scored["difficulty"].min() >= dropped["difficulty"].max()
+    # The trained scorer ran on vLLM (classify): it ranks the questions like the HF forward.
+    from test_scoring import assert_same_ranking
+
+    from scalequest_ray.models import s3_snapshot
+    from scalequest_ray.scoring import Scorer
+
+    both = pd.concat([scored, dropped]).sort_values("query_id")
+    scorer_dir = s3_snapshot(scorer["model"], root.storage.endpoint)
+    hf = Scorer(model_path=scorer_dir, endpoint=None, out="difficulty", pairs=False, method="sequence_classification",
+                max_length=512, dtype="float32", trust_remote_code=False).score(both["query"].tolist())
+    assert_same_ranking(hf, both["difficulty"].tolist())
 
 
 def test_selection_final_dataset_and_funnel(full_run, tmp_path):
@@ -255,3 +266,51 @@ def test_s3_model_snapshots_follow_the_files(tiny_model, s3_server):
     again = Path(s3_snapshot("s3://sq-snap/m", s3_server))
     assert again != model and (again / "model.safetensors").read_bytes() == b"retrained"
     assert not list(again.parent.glob("*.partial-*"))
+
+
+def test_report_opens_in_headless_chromium(full_run, tmp_path):
+    """The run's report (written by `run` to <root>/report/index.html on S3) opened in Debian's
+    Chromium through Selenium and chromedriver, off the network: no console errors, every chart
+    an SVG with a real size on the page, the funnel numbers on the page equal funnel.json; a
+    screenshot is saved beside the report."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    _, root, _, lines = full_run
+    assert any(line.startswith("report: s3://sq-full/run/report/index.html") for line in lines)
+    page = tmp_path / "report" / "index.html"
+    page.parent.mkdir()
+    with root.storage.fs.open_input_stream(root.storage.path("report", "index.html")) as f:
+        page.write_bytes(f.read())
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,2400"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(page.as_uri())
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+        charts = driver.execute_script(
+            "return [...document.querySelectorAll('figure.chart')].map(f => {"
+            " const s = f.querySelector('svg'); const r = s ? s.getBoundingClientRect() : null;"
+            " return [f.dataset.chart, s ? s.childElementCount : 0, r ? r.width : 0, r ? r.height : 0]; })")
+        assert len(charts) >= 5, charts  # funnel, lengths, difficulty, reward, agreement, answers
+        assert all(n > 0 and w > 100 and h > 50 for _, n, w, h in charts), charts
+        shown = driver.execute_script(
+            "return [...document.querySelectorAll('#funnel tr[data-stage]')].map(r =>"
+            " [r.dataset.stage, +r.dataset.rowsIn, +r.dataset.kept, +r.dataset.dropped])")
+        funnel = root.storage.read_json(root.storage.path("funnel.json"))["stages"]
+        assert shown == [[f["stage"], f["rows_in"], f["kept"], f["dropped"]] for f in funnel]
+        shot = page.parent / "screenshot.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        with root.storage.fs.open_output_stream(root.storage.path("report", "screenshot.png")) as f:
+            f.write(shot.read_bytes())  # beside the report
+    finally:
+        driver.quit()

@@ -40,10 +40,10 @@ def _load(tmp_path, raw, overrides=()):
 
 def test_demo_and_paper_configs_load(tmp_path):
     cfg = _load(tmp_path, _demo_raw(tmp_path))
-    assert cfg.stages.questions.sampling.temperature == 1.0 and cfg.stages.responses.n == 4
+    assert cfg.stages.questions.sampling.temperature == 1.0 and cfg.stages.responses.n == 3
     paper = load_config(REPO / "configs" / "paper_gpu.yaml")
-    assert paper.models["qwen2-math-gen"].scale.gpus_per_replica == 1
-    assert paper.models["qwen2-math-gen"].scale.replicas == (1, 16)
+    assert paper.models["qwen2-math-instruct"].scale.gpus_per_replica == 1
+    assert paper.models["qwen2-math-instruct"].scale.replicas == (1, 16)
     assert paper.root.startswith("s3://")
 
 
@@ -352,13 +352,13 @@ def test_plan_lists_stages_resources_and_paths_without_ray():
     assert by["reward"]["runs_on"] == "scoring actor pool"
     assert by["language"]["input"] == f"{cfg.root}/questions/data" and by["selection"]["output"] == f"{cfg.root}/selection"
     text = format_plan(cfg, rows)
-    assert text.splitlines()[0].startswith("run 'paper', root s3://my-bucket/scalequest/paper, 10 stages")
+    assert text.splitlines()[0].startswith("run 'paper', root s3://my-bucket/scalequest/paper, 17 stages")
     # The CLI prints it without importing Ray (a dry run for a cluster config, from a laptop).
     code = ("import sys; from scalequest_ray import cli; rc = cli.main(['plan', 'configs/paper_gpu.yaml', '--offline']); "
             "assert rc == 0 and 'ray' not in sys.modules and 'vllm' not in sys.modules, sorted(sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "10. selection: Ray Data tasks + shuffles" in proc.stdout
+    assert "17. selection: Ray Data tasks + shuffles" in proc.stdout
 
 
 @pytest.mark.unit
@@ -417,3 +417,95 @@ def test_verdict_counts_of_kept_and_excluded_files():
                          "exclude_reason": ["unsolvable", "empty_query", "engine_error", "verdict_unparseable"]})
     assert verdict_counts(kept) == {"verdicts": {"yes": 1, "no": 0, "unparseable": 1, "not_judged": 0}}
     assert verdict_counts(excluded) == {"verdicts": {"yes": 0, "no": 1, "unparseable": 1, "not_judged": 2}}
+
+
+@pytest.mark.unit
+def test_ledger_counts_replicas_and_reserved_seconds_per_pool():
+    from scalequest_ray.ledger import ledger_from_tables, pool_name
+
+    assert pool_name("MapWorker", "MapWorker(MapBatches(vLLMEngineStageUDF))") == "MapBatches(vLLMEngineStageUDF)"
+    actors = [  # one replica for the whole stage, a second one for its middle half, a 0-CPU helper
+        {"pool": "engine", "start": 0, "end": 100, "cpu": 2, "gpu": 1},
+        {"pool": "engine", "start": 25, "end": 75, "cpu": 2, "gpu": 1},
+        {"pool": "stats", "start": 0, "end": 100, "cpu": 0, "gpu": 0},
+        {"pool": "scorer", "start": 90, "end": 200, "cpu": 1, "gpu": 0},  # outlives the window
+    ]
+    nodes = [{"node_type": "gpu_worker", "start": 10, "end": 60}, {"node_type": "gpu_worker", "start": 20, "end": 500},
+             {"node_type": "", "start": 0, "end": 500}]
+    out = ledger_from_tables(actors, nodes, (0, 100))
+    engine = out["pools"]["engine"]
+    assert engine["replicas"] == {"min": 1, "mean": 1.5, "max": 2}
+    assert engine["cpu_seconds"] == 300 and engine["gpu_seconds"] == 150
+    assert "stats" not in out["pools"]
+    assert out["pools"]["scorer"]["cpu_seconds"] == 10 and out["pools"]["scorer"]["replicas"]["max"] == 1
+    assert out["cpu_seconds"] == 310 and out["gpu_seconds"] == 150
+    assert out["node_seconds"] == {"gpu_worker": 130}
+    assert "node_seconds" not in ledger_from_tables(actors, nodes[2:], (0, 100))
+
+
+@pytest.mark.unit
+def test_capacity_check_names_what_no_node_can_hold():
+    from scalequest_ray import capacity
+    from scalequest_ray.config import RunConfig
+    from scalequest_ray.storage import InputError
+
+    cfg = RunConfig.model_validate({
+        "name": "cap", "root": "/tmp/cap",
+        "models": {"gen": {"path": "org/gen", "scale": {"cpus_per_replica": 1, "accelerator_type": "A100"}},
+                   "rm": {"path": "org/rm", "scale": {"cpus_per_replica": 4}}},
+        "stages": {"questions": {"generators": [{"name": "g", "model": "gen", "num_questions": 8}]},
+                   "language": {}, "reward": {"model": "rm", "engine": "hf"},
+                   "qft": {"model": "gen", "workers": 2, "batch_size": 8, "per_device_batch_size": 4, "gpus_per_worker": 1}},
+        "pipeline": ["questions", "language", "reward", "qft"]})
+    head, gpu_node = {"CPU": 0}, {"CPU": 1, "GPU": 1, "accelerator_type:A100": 1}
+    cpu_node = {"CPU": 1}
+    with pytest.raises(InputError) as err:
+        capacity.check(cfg, ["questions"], [head, cpu_node])
+    assert str(err.value) == ("stages.questions: a vLLM replica of models.gen needs CPU 1, accelerator_type:A100 0.001; "
+                              "no node of this cluster (and no autoscaler adds nodes) has that (the largest node has CPU 1)")
+    asked = []
+
+    def autoscaler(bundle):  # the autoscaler's node types: cpu_node and gpu_node
+        asked.append(bundle)
+        return capacity.fits(bundle, cpu_node) or capacity.fits(bundle, gpu_node)
+
+    capacity.check(cfg, ["questions", "language", "qft"], [head], autoscaler)
+    assert {"CPU": 1} in asked and len(asked) == 3  # asked only for what no alive node holds
+    with pytest.raises(InputError, match=r"stages.reward: a scoring actor of models.rm needs CPU 4; no node of this "
+                                         r"cluster, and no node type of its autoscaler, has that"):
+        capacity.check(cfg, cfg.pipeline, [head], autoscaler)
+    capacity.check(cfg, ["reward"], [head], lambda bundle: None)  # the autoscaler did not say: no verdict
+    with pytest.raises(InputError, match=r"stages.language: a Ray Data task needs CPU 1"):
+        capacity.check(cfg, ["language"], [head, {"CPU": 0, "GPU": 1}])
+
+
+@pytest.mark.unit
+def test_console_drops_known_ray_noise_and_keeps_everything_else():
+    """The console filter works on the file descriptors (Ray's C++ logs are not Python's): run in
+    a child process whose C-level writes include Ray's known spurious ERROR line."""
+    code = (
+        "import os, sys; from scalequest_ray.console import filtered_console\n"
+        "with filtered_console():\n"
+        "    os.write(2, b'[2026-12-01 19:45:38,031 E 1 1] core_worker.cc:2465: Actor with class name: '\n"
+        "             b\"'MapWorker(MapBatches(X))' and ID: 'ab' has constructor arguments in the object store and \"\n"
+        "             b'max_restarts > 0. If the arguments ...\\n')\n"
+        "    os.write(1, b'[questions] done: 8 rows kept\\n')\n"
+        "    os.write(2, b'Running 0: 10%\\r')\n"
+        "    print('ERROR: a real one', file=sys.stderr, flush=True)\n"
+        "print('after', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO)  # bytes: keep the \r
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"[questions] done: 8 rows kept\nafter\n"
+    assert b"constructor arguments" not in proc.stderr
+    assert b"Running 0: 10%\r" in proc.stderr and b"ERROR: a real one\n" in proc.stderr
+
+
+@pytest.mark.unit
+def test_stage_progress_line():
+    from scalequest_ray.console import StageProgress
+
+    p = StageProgress("responses", lambda: (250, 5000), expected=1000, echo=lambda _: None)
+    p.started -= 50  # 50 s in
+    line = p.line()
+    assert line.startswith("[responses] 250/1,000 rows, 5.0 rows/s, 100.0 tok/s, ETA 2m30s")
+    assert StageProgress("language", lambda: (10, 0), expected=None).line().startswith("[language] 10 rows, ")
