@@ -149,7 +149,7 @@ def _infeasible_v1(gcs_address: str) -> list[dict]:
     return out
 
 
-def autoscaler_probe(timeout: float = 30.0):
+def autoscaler_probe(timeout: float = 30.0, give_up_s: float = 300.0):
     """A feasibility test by Ray's own autoscaler (v1 or v2), or None when none runs here.
 
     The node types are the autoscaler's: a task that needs exactly the bundle is submitted (a task,
@@ -177,8 +177,14 @@ def autoscaler_probe(timeout: float = 30.0):
                    "resources": {k: v for k, v in want.items() if k not in ("CPU", "GPU")}}
         ref = ray.remote(**options)(_noop).remote()
         try:
-            end = time.time() + timeout
-            while time.time() < end:
+            # `timeout` counts only time in which the autoscaler is updating: its loop can stall
+            # for a while (a provider launching a node synchronously), and a verdict it has not
+            # had the chance to give is no verdict. `give_up_s` bounds the whole wait.
+            start = time.time()
+            end = start + timeout
+            while time.time() < min(end, start + give_up_s):
+                if time.time() - _last_update() > 3.0:
+                    end += 1.0
                 ready, _ = ray.wait([ref], timeout=1.0)
                 if ready:
                     return True
@@ -192,6 +198,19 @@ def autoscaler_probe(timeout: float = 30.0):
             ray.cancel(ref, force=True)
 
     return feasible
+
+
+def _last_update() -> float:
+    """When the autoscaler last finished an update (the time in its status; now when unknown)."""
+    import json
+    import time
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        return float(json.loads(_internal_kv_get("__autoscaling_status"))["time"])
+    except Exception:  # noqa: BLE001 - no status with a time: do not wait longer for one
+        return time.time()
 
 
 def _noop() -> int:

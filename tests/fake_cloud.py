@@ -79,17 +79,29 @@ def _patient_node_start(wait_s: float = 180.0) -> None:
     original = services.get_node
 
     def get_node(*args, **kwargs):
+        # The Node being started is the caller (ray._private.node.Node.__init__). Its raylet can
+        # also die at start: Ray 2.60's raylet aborts when the node's dashboard agent has not
+        # written its ports within a hard-coded 15 s, which a loaded 2-core machine can miss.
+        # Then waiting is pointless: fail now, and the autoscaler launches the node again.
+        caller = sys._getframe(1).f_locals.get("self")
         end = time.monotonic() + wait_s
         while True:
             try:
                 return original(*args, **kwargs)
             except RuntimeError:
-                if time.monotonic() > end:
+                if time.monotonic() > end or _raylet_died(caller):
                     raise
                 time.sleep(0.5)
 
     get_node._patient = True
     services.get_node = get_node
+
+
+def _raylet_died(node) -> bool:
+    import ray._private.ray_constants as ray_constants
+
+    procs = getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_RAYLET, [])
+    return bool(procs) and procs[0].process.poll() is not None
 
 
 class SpotFakeProvider(FakeMultiNodeProvider):
