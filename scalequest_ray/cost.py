@@ -265,6 +265,32 @@ def _size(kind: str, section: dict) -> Optional[float]:
     return None
 
 
+# Rows of the train splits the paper's configs read (their dataset cards), so that an estimate of
+# a config with no max_problems knows how many problems it labels without fetching them.
+KNOWN_SPLIT_ROWS = {
+    ("openai/gsm8k", "main", "train"): 7473,
+    ("EleutherAI/hendrycks_math", "algebra", "train"): 1744,
+    ("EleutherAI/hendrycks_math", "counting_and_probability", "train"): 771,
+    ("EleutherAI/hendrycks_math", "geometry", "train"): 870,
+    ("EleutherAI/hendrycks_math", "intermediate_algebra", "train"): 1295,
+    ("EleutherAI/hendrycks_math", "number_theory", "train"): 869,
+    ("EleutherAI/hendrycks_math", "prealgebra", "train"): 1205,
+    ("EleutherAI/hendrycks_math", "precalculus", "train"): 746,
+    ("builtin", "champ", None): 270,
+}
+
+
+def _source_rows(sources: list[dict]) -> Optional[float]:
+    """Problems in `sources` when every one is a split of known size, else None."""
+    total = 0
+    for src in sources:
+        key = ("builtin", src["builtin"], None) if src.get("builtin") else (src.get("hub"), src.get("subset"), src.get("split"))
+        if key not in KNOWN_SPLIT_ROWS:
+            return None
+        total += KNOWN_SPLIT_ROWS[key]
+    return float(total) or None
+
+
 def _scale(stage: str, section: dict, measured: dict, upstream: float) -> float:
     """Full-size rows / measured rows: a stage's own size knob against the small run's, times its
     input's scale for chain stages (the keep shares measured are assumed to hold at size)."""
@@ -272,8 +298,11 @@ def _scale(stage: str, section: dict, measured: dict, upstream: float) -> float:
     own, before = _size(kind, section), _size(kind, was)
     if own is not None:
         ratio = own / before if before else 1.0
-        if kind == "difficulty_labels" and section.get("max_problems") and was.get("max_problems"):
-            ratio *= section["max_problems"] / was["max_problems"]
+        if kind == "difficulty_labels":
+            labelled = measured.get("rows", 0) + measured.get("excluded_rows", 0)  # problems, k answers each
+            problems = section.get("max_problems") or _source_rows(section.get("sources") or [])
+            if problems and labelled:
+                ratio *= problems / labelled
         return ratio
     scale = 1.0 if section.get("input") else upstream
     if kind == "responses" and was.get("n"):

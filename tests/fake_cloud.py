@@ -136,6 +136,55 @@ class SpotFakeProvider(FakeMultiNodeProvider):
         return super().non_terminated_nodes(tag_filters)
 
 
+class YieldTheCpu:
+    """While a fake cloud runs, the other pytest-xdist workers' processes (and everything they
+    start) run at nice 10. Why: Ray 2.60's raylet aborts at start when its node's dashboard agent
+    has not written its ports within a hard-coded 15 s, and on a 2-core machine whose other test
+    worker is busy with vLLM the agent's imports take longer, so the autoscaler's nodes kept
+    failing to launch (measured in CI: "Failed to launch 1 node(s)" every ~35 s). Raising the other
+    workers' niceness needs no privilege; it is not lowered again (that would), which only means
+    they stay polite for the rest of the run. Outside pytest-xdist this does nothing."""
+
+    def __init__(self, niceness: int = 10, every_s: float = 5.0):
+        import threading
+
+        self.niceness, self.every_s, self._stop = niceness, every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "YieldTheCpu":
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            self._sweep()
+            self._thread.start()  # processes re-parented away from a worker are caught here
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sweep()
+
+    def _sweep(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        try:
+            others = [p for p in psutil.Process(os.getppid()).children() if p.pid != me.pid]
+        except psutil.Error:
+            return
+        for worker in others:
+            try:
+                tree = [worker] + worker.children(recursive=True)
+            except psutil.Error:
+                continue
+            for p in tree:
+                try:
+                    if p.nice() < self.niceness:
+                        p.nice(self.niceness)
+                except psutil.Error:  # gone, or not ours to renice
+                    pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from conftest import CHAIN_QUESTIONS, REPO, start_local_ray, tiny_config, write_chain_inputs
-from fake_cloud import FakeCloud
+from fake_cloud import FakeCloud, YieldTheCpu
 from scalequest_ray import pipeline
 from scalequest_ray.config import load_config
 from scalequest_ray.storage import InputError, Storage
@@ -91,6 +91,7 @@ def cloud(tmp_path_factory, s3_server):
     ray.shutdown()
     # The job's `python` is the head's: the venv must be on the PATH the head inherits.
     os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ["PATH"]
+    polite = YieldTheCpu().start()
     cluster = FakeCloud(tmp_path_factory.mktemp("cloud"), REPO / "cluster" / "aws" / "cluster.yaml",
                         idle_timeout_minutes=IDLE_MINUTES).start()
     try:
@@ -100,6 +101,7 @@ def cloud(tmp_path_factory, s3_server):
     finally:
         ray.shutdown()
         cluster.stop()
+        polite.stop()
     if had_local:
         start_local_ray()
 

@@ -271,3 +271,16 @@ def test_publish_dry_run_and_missing_token(run_root, monkeypatch):
     with pytest.raises(ValueError) as err:
         card.publish(str(run_root), "someone/tiny", token_env="SQ_TEST_HF_TOKEN")
     assert "SQ_TEST_HF_TOKEN" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_estimate_labels_every_problem_of_known_splits():
+    """With no max_problems the labels stage reads its whole sources: the paper's GSM8K + MATH
+    algebra train splits are 7,473 + 1,744 problems, against the 8 a demo run labelled (k 3 -> 8)."""
+    measured = {"rows": 8, "excluded_rows": 0, "config": {"k": 3, "max_problems": 8}}
+    paper = {"k": 8, "max_problems": None, "sources": [
+        {"hub": "openai/gsm8k", "subset": "main", "split": "train"},
+        {"hub": "EleutherAI/hendrycks_math", "subset": "algebra", "split": "train"}]}
+    assert cost._scale("difficulty_labels", paper, measured, 1.0) == pytest.approx(8 / 3 * (7473 + 1744) / 8)
+    assert cost._scale("difficulty_labels", {**paper, "max_problems": 100}, measured, 1.0) == pytest.approx(8 / 3 * 100 / 8)
+    unknown = {**paper, "sources": [{"path": "my.parquet"}]}
+    assert cost._scale("difficulty_labels", unknown, measured, 1.0) == pytest.approx(8 / 3)  # no size known: as measured
