@@ -41,8 +41,13 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
+# The autoscaler tests run after the rest, alone: Ray 2.60's raylet aborts when its node's
+# dashboard agent has not started within a hard-coded 15 s, and on 2 cores shared with the other
+# worker's vLLM engines the fake cloud's nodes kept failing to launch (measured in CI).
+# Exit status 5 is pytest's "no tests selected" (PYTEST_ARGS="-m unit" selects none there).
 test: model browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/test_cluster.py $(PYTEST_ARGS)
+	$(PY) -m pytest tests/test_cluster.py $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: model
 	$(PY) benchmarks/generation_overhead.py
