@@ -176,6 +176,7 @@ def autoscaler_probe(timeout: float = 30.0, give_up_s: float = 300.0):
         options = {"num_cpus": want.get("CPU", 0), "num_gpus": want.get("GPU", 0),
                    "resources": {k: v for k, v in want.items() if k not in ("CPU", "GPU")}}
         ref = ray.remote(**options)(_noop).remote()
+        done = False
         try:
             # `timeout` counts only time in which the autoscaler is updating: its loop can stall
             # for a while (a provider launching a node synchronously), and a verdict it has not
@@ -187,6 +188,7 @@ def autoscaler_probe(timeout: float = 30.0, give_up_s: float = 300.0):
                     end += 1.0
                 ready, _ = ray.wait([ref], timeout=1.0)
                 if ready:
+                    done = True
                     return True
                 try:
                     if any(_same(r, want) for r in infeasible(gcs_address)):
@@ -195,7 +197,11 @@ def autoscaler_probe(timeout: float = 30.0, give_up_s: float = 300.0):
                     pass
             return None
         finally:
-            ray.cancel(ref, force=True)
+            # Only a task still waiting for a node is cancelled, and without force: Ray 2.60's
+            # driver aborts ("Tried to complete task that was not pending", task_manager.cc)
+            # when a force-cancel races the task's completion (seen in a test run).
+            if not done:
+                ray.cancel(ref, force=False)
 
     return feasible
 
