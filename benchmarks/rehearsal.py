@@ -73,13 +73,20 @@ def spilled_bytes() -> int:
     return int(m.group(1)) * 2**20 if m else 0
 
 
-def config(root: Path, tiny: Path, reward: Path, questions: int, input_file: str | None, stages: list[str]) -> dict:
+def rows_per_file(candidates: int) -> int:
+    """20,000-row shards at 1M (50 files a stage); smaller runs get smaller shards, so that the
+    kill below still lands with part of the stage committed."""
+    return max(500, min(20000, candidates // 50))
+
+
+def config(root: Path, tiny: Path, reward: Path, questions: int, input_file: str | None, stages: list[str],
+           per_file: int = 20000) -> dict:
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     langs = sorted(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
     return {
         "name": "rehearsal", "root": str(root), "seed": 3, "report": False,
-        "storage": {"rows_per_file": 20000},
+        "storage": {"rows_per_file": per_file},
         "models": {"tiny": {"path": str(tiny), "engine": ENGINE, "scale": {"batch_size": 512, "cpus_per_replica": 1}},
                    "reward": {"path": str(reward), "engine": {**ENGINE, "dtype": "float32"},
                               "scale": {"batch_size": 512, "cpus_per_replica": 1}}},
@@ -119,12 +126,14 @@ def run_chain(label: str, base: Path, tiny: Path, reward: Path, questions: int, 
     root = base / label
     shutil.rmtree(root, ignore_errors=True)
     peaks = []
-    cfg = RunConfig.model_validate(config(root / "run", tiny, reward, questions, None, ["questions", "language", "dedup"]))
+    per_file = rows_per_file(candidates)
+    cfg = RunConfig.model_validate(config(root / "run", tiny, reward, questions, None, ["questions", "language", "dedup"],
+                                          per_file))
     results = report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
     inputs = root / "inputs" / "questions.parquet"
     got = first_rows(root / "run" / "dedup" / "data", candidates // N_CANDIDATES, inputs)
     cfg = RunConfig.model_validate(config(root / "run", tiny, reward, questions, str(inputs),
-                                          ["responses", "reward", "selection"]))
+                                          ["responses", "reward", "selection"], per_file))
     results += report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
     print(f"{label}: {got} questions x {N_CANDIDATES} candidates", flush=True)
     return {"peak": max(peaks), "root": root, "inputs": inputs, "results": results}
@@ -196,7 +205,8 @@ def kill_and_resume(base: Path, tiny: Path, reward: Path, inputs: Path, total: i
     root = base / "kill"
     shutil.rmtree(root, ignore_errors=True)
     path = base / "kill.yaml"
-    path.write_text(json.dumps(config(root, tiny, reward, 1, str(inputs), ["responses"])))
+    per_file = rows_per_file(total)
+    path.write_text(json.dumps(config(root, tiny, reward, 1, str(inputs), ["responses"], per_file)))
     cmd = [str(Path(sys.executable).parent / "scalequest-ray"), "run", str(path)]
     ckpt = root / "_checkpoints" / "responses"
 
@@ -214,7 +224,7 @@ def kill_and_resume(base: Path, tiny: Path, reward: Path, inputs: Path, total: i
     while True:  # half of the candidates committed (each committed file holds rows_per_file ids)
         if driver.poll() is not None:
             raise RuntimeError("the first attempt finished before it could be killed")
-        if len(committed()) * 20000 >= total // 2:
+        if len(committed()) * per_file >= total // 2:
             break
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)

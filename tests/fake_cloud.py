@@ -97,6 +97,27 @@ def _patient_node_start(wait_s: float = 180.0) -> None:
     services.get_node = get_node
 
 
+def _own_runtime_env_dir() -> None:
+    """Each fake node gets its own runtime-env folder, as each machine of a real cluster has its
+    own disk. Ray's fake nodes share the head's session folder, and a node's runtime-env agent
+    re-unpacks a job's working_dir (rmtree, then unzip) the first time the job's tasks land on
+    it: in the shared folder that deleted the directory the job's driver runs in, mid-job."""
+    import ray._private.parameter as parameter
+
+    if getattr(parameter.RayParams.__init__, "_own_dir", False):
+        return
+    original = parameter.RayParams.__init__
+
+    def init(self, *args, **kwargs):
+        node_id = (kwargs.get("env_vars") or {}).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+        if node_id and not kwargs.get("runtime_env_dir_name"):
+            kwargs["runtime_env_dir_name"] = f"runtime_resources_node{node_id[-5:]}"
+        original(self, *args, **kwargs)
+
+    init._own_dir = True
+    parameter.RayParams.__init__ = init
+
+
 def _raylet_died(node) -> bool:
     import ray._private.ray_constants as ray_constants
 
@@ -111,6 +132,7 @@ class SpotFakeProvider(FakeMultiNodeProvider):
 
     def __init__(self, provider_config, cluster_name):
         _patient_node_start()
+        _own_runtime_env_dir()
         super().__init__(provider_config, cluster_name)
         self._reclaim = Path(provider_config["reclaim_file"])
         # Ray's fake provider tags its head "ray.head.default"; ours keeps the file's head type name.

@@ -21,6 +21,7 @@ question ends in exclusions/ as engine_error and the stage completes.)
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -161,6 +162,25 @@ def _replica_actors(address: str):
     return [a for a in list_actors(address=address, detail=True, limit=1000) if "vLLMEngineStage" in a.class_name]
 
 
+def _registered_checkpoint(run_dir: Path) -> bool:
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+        return False
+    return bool(snapshot.get("latest_checkpoint_result"))
+
+
+def _training_worker_node(address: str) -> str:
+    """The node of a live Ray Train worker that does not also hold the train controller."""
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(address=address, detail=True, limit=1000) if a.state == "ALIVE"]
+    controller = {a.node_id for a in actors if "TrainController" in a.class_name}
+    nodes = sorted({a.node_id for a in actors if "RayTrainWorker" in a.class_name} - controller)
+    assert nodes, "no training worker on a node of its own"
+    return nodes[0]
+
+
 def _run_in_thread(cfg) -> tuple[threading.Thread, dict]:
     box: dict = {}
 
@@ -280,8 +300,13 @@ def test_killed_replica_then_its_spot_node_taken_back(cloud, tiny_model, tmp_pat
         path.write_text(yaml.safe_dump(_config(tiny_model, root, **{
             "stages.questions.generators": [{"name": "tiny", "model": "tiny", "num_questions": 96}]})))
         thread, box = _run_in_thread(load_config(path))
-        _wait(lambda: list((root / "questions").glob("*/*.parquet")), 240, "a first shard")
-        victim = _wait(lambda: [a for a in _replica_actors(cloud.address) if a.state == "ALIVE"], 30, "the replica")[0]
+        # ALIVE means the actor's __init__ (the engine load) is done and it is taking rows. Waiting
+        # for a first shard instead raced the stage: the writes wait for a CPU node, so the first
+        # shard can land when the last rows are already generated.
+        victim = _wait(lambda: [a for a in _replica_actors(cloud.address) if a.state == "ALIVE"], 300,
+                       "the replica", poll=0.5)[0]
+        time.sleep(3)  # mid-batch: 96 rows take the tiny engine about two minutes
+        assert not (root / "questions" / "_manifest.json").exists(), "the stage finished before the kill"
         os.kill(victim.pid, signal.SIGKILL)  # the replica's process dies mid-stage
         restarted = _wait(lambda: [a for a in _replica_actors(cloud.address)
                                    if a.actor_id == victim.actor_id and a.num_restarts >= 1 and a.state == "ALIVE"],
@@ -323,9 +348,13 @@ def test_spot_loss_of_a_training_node_resumes_from_the_checkpoint(cloud, tiny_mo
         thread = threading.Thread(target=lambda: box.update(m=qft.run(cfg, Storage(cfg.root))), daemon=True)
         thread.start()
         ckpts = tmp_path / "root" / "qft" / "ray" / "run"
-        _wait(lambda: list(ckpts.glob("checkpoint_*")), 300, "the first checkpoint", poll=0.05)
+        # Registered, not only written: Ray Train resumes from the checkpoints its controller has
+        # registered (in this snapshot), and a checkpoint folder appears a moment before that.
+        _wait(lambda: _registered_checkpoint(ckpts), 300, "the first checkpoint", poll=0.05)
         before = set(watch.ids["gpu_worker"])
-        cloud.reclaim("gpu_worker")
+        # A node that holds a training worker: an earlier test's engine nodes may still be up and
+        # idle, and taking one of those back would interrupt nothing.
+        cloud.reclaim(node_id=_training_worker_node(cloud.address))
         thread.join(600)
         assert "m" in box, "QFT did not finish"
         assert set(watch.ids["gpu_worker"]) - before, "the autoscaler launched no replacement node"

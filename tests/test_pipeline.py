@@ -225,6 +225,11 @@ def test_run_root_on_s3_is_clean_readable_and_keeps_the_secret(full_run, s3_serv
     assert [k for k in keys if "/_work/" in k or "/_checkpoints/" in k or k.endswith("_started.json")] == []
     responses = root.manifest("responses")
     assert {f"run/{f}" for f in responses["files"]} <= keys
+    # `run` wrote the dataset card beside the final dataset, with its YAML header.
+    assert "run/selection/README.md" in keys
+    assert any(line.startswith("dataset card: s3://sq-full/run/selection/README.md") for line in console)
+    card_text = s3.get_object(Bucket="sq-full", Key="run/selection/README.md")["Body"].read().decode()
+    assert card_text.startswith("---\n") and "size_categories:" in card_text
 
     # Users read the output with the `datasets` library straight from S3.
     ds = datasets.load_dataset(
