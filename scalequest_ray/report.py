@@ -218,10 +218,14 @@ def stage_rows(root: str, found: dict, costs: dict) -> list[dict]:
                                   for p, r in c.get("replicas", {}).items()) or "-",
             "cpu_hours": f"{c.get('cpu_hours', 0):.3f}", "gpu_hours": f"{c.get('gpu_hours', 0):.3f}",
             "cost": "-" if c.get("cost") is None else f"${c['cost']:,.2f}",
-            "note": f"{metrics.get('steps', '?')} steps, loss {metrics.get('first_loss', '?')} -> "
-                    f"{metrics.get('final_loss', '?')}" if training else "",
+            "note": f"{metrics.get('steps', '?')} steps, loss {_loss(metrics.get('first_loss'))} -> "
+                    f"{_loss(metrics.get('final_loss'))}" if training else "",
         })
     return rows
+
+
+def _loss(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
 
 
 TEMPLATE = """<!DOCTYPE html>

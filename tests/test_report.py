@@ -119,7 +119,7 @@ def run_root(tmp_path) -> Path:
     (root / "qft").mkdir()
     (root / "qft" / "_manifest.json").write_text(json.dumps({
         "stage": "qft", "model": str(root / "qft" / "model"), "config_hash": "hash-qft", "seconds": 50.0, "finished_at": 0.5,
-        "metrics": {"steps": 10, "first_loss": 2.5, "final_loss": 1.2}, "config": cfg.section("qft").model_dump(mode="json"),
+        "metrics": {"steps": 10, "first_loss": 2.51234567, "final_loss": 1.2}, "config": cfg.section("qft").model_dump(mode="json"),
         "resources": _resources(90.0, 0.0)}))
     funnel = [{"stage": m["stage"], "unit": "candidates" if m["stage"] in ("responses", "reward") else "questions",
                "rows_in": m["rows_in"], "kept": m["rows"], "dropped": m["excluded_rows"],
@@ -160,6 +160,7 @@ def test_report_is_one_offline_page_with_charts_and_the_funnel(run_root):
     funnel = json.loads((run_root / "funnel.json").read_text())["stages"]
     assert [(r["data-stage"], int(r["data-rows-in"]), int(r["data-kept"]), int(r["data-dropped"])) for r in parser.rows] == \
         [(r["stage"], r["rows_in"], r["kept"], r["dropped"]) for r in funnel]
+    assert "10 steps, loss 2.512 -&gt; 1.200" in html or "10 steps, loss 2.512 -> 1.200" in html
 
 
 def test_report_escapes_and_cuts_example_text(run_root, tmp_path):
