@@ -103,13 +103,27 @@ def check(cfg: RunConfig, stages: list[str], nodes: list[dict], autoscaler=None)
 
 
 def has_autoscaler() -> bool:
-    """Whether an autoscaler (v1 or v2) publishes its state in this cluster's GCS."""
-    from ray.experimental.internal_kv import _internal_kv_exists
+    """Whether an autoscaler that can add nodes publishes its state in this cluster's GCS.
+
+    A plain `ray.init()` or `ray start --head` without a cluster file runs Ray's monitor too, with
+    a read-only provider: it reports every node under a node type made up from the node's id
+    (`format_readonly_node_type`) and never launches one. That cluster has a fixed size."""
+    import json
+
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        return bool(_internal_kv_exists("__autoscaling_status"))
+        raw = _internal_kv_get("__autoscaling_status")
     except Exception:  # noqa: BLE001 - no GCS to ask: treat as a fixed cluster
         return False
+    if not raw:
+        return False
+    try:
+        types = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    except ValueError:
+        return True
+    return not types or any(t != format_readonly_node_type(n) for n, t in types.items())
 
 
 def alive_nodes() -> list[dict]:

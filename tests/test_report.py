@@ -236,9 +236,6 @@ def test_size_categories_are_the_hub_labels():
 
 
 def test_card_loads_with_datasets(run_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = card.write_card(str(run_root), run_config(run_root).model_dump(mode="json"), license="cc-by-4.0")
     text = Path(path).read_text()
     front = yaml.safe_load(text.split("---\n")[1])
@@ -252,6 +249,10 @@ def test_card_loads_with_datasets(run_root, tmp_path, monkeypatch):
 
     import datasets
 
+    # Offline for this test only: datasets reads HF_HUB_OFFLINE once, when first imported, so the
+    # environment variable set here stayed set for every later test in the same worker (the S3
+    # pipeline test's load_dataset from s3:// then failed as "offline").
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     ds = datasets.load_dataset(str(run_root / "selection"), cache_dir=str(tmp_path / "hf" / "datasets"))
     assert list(ds) == ["train"]
     expected = pq.read_table(run_root / "selection" / "data").to_pylist()

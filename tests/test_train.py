@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,10 @@ def test_second_invocation_resumes_after_failed_run(tiny_model, ray_cluster, tmp
 
 @pytest.mark.integration
 def test_qft_bad_inputs_fail_before_training(tiny_model, ray_cluster, tmp_path):
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    from scalequest_ray.capacity import has_autoscaler
+
     bad = tmp_path / "seeds.jsonl"
     bad.write_text('{"problem": "What is 1+1?"}\n')
     cfg = load_config(_cfg(tmp_path, tiny_model, input=str(bad)))
@@ -140,6 +145,13 @@ def test_qft_bad_inputs_fail_before_training(tiny_model, ray_cluster, tmp_path):
     good = tmp_path / "ok.jsonl"
     good.write_text('{"query": "What is 1+1?"}\n')
     cfg = load_config(_cfg(tmp_path, tiny_model, input=str(good), workers=8, batch_size=32, deepspeed="zero3"))
+    # A local Ray runs the autoscaler's monitor too (read-only: it never adds a node). Once it has
+    # published its status, the cluster must still count as fixed, or the check below is skipped
+    # and Ray Train waits forever for 8 CPUs.
+    end = time.time() + 60
+    while not _internal_kv_exists("__autoscaling_status") and time.time() < end:
+        time.sleep(0.5)
+    assert _internal_kv_exists("__autoscaling_status") and not has_autoscaler()
     with pytest.raises(InputError, match=r"8 workers x 1 CPU need 8 CPUs, the cluster has 6"):
         qft.run(cfg, Storage(cfg.root))
     assert not (tmp_path / "root" / "qft" / "ray").exists()
