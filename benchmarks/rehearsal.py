@@ -80,7 +80,7 @@ def rows_per_file(candidates: int) -> int:
 
 
 def config(root: Path, tiny: Path, reward: Path, questions: int, input_file: str | None, stages: list[str],
-           per_file: int = 20000) -> dict:
+           per_file: int) -> dict:
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     langs = sorted(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)

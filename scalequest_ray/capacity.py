@@ -123,6 +123,8 @@ def has_autoscaler() -> bool:
         types = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
     except ValueError:
         return True
+    # No node listed yet: cannot tell, so nodes may come (a wrong "fixed" would fail a stage that
+    # the autoscaler could have served).
     return not types or any(t != format_readonly_node_type(n) for n, t in types.items())
 
 
