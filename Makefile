@@ -29,11 +29,13 @@ model: venv
 demo: model
 	$(CLI) run configs/demo.yaml $(ARGS)
 
-# Two test workers (pytest-xdist): a test spends a third of its time in single-threaded imports
-# and process start-up, which leaves a core idle; each worker has its own Ray. --dist loadfile
-# keeps each file's tests on one worker, so the module fixtures (a cluster, a pipeline run) are
-# built once.
-TEST_WORKERS ?= 2
+# One test worker by default. Two pytest-xdist workers on CI's 2 cores made every heavy test 4x
+# slower, not 2x (the S3 pipeline's shared run: 292 s alone, 1242 s beside the other worker), and
+# the non-cluster part took 46 min 10 s on two workers against 23 min 24 s on one (measured the
+# same day on this machine). A machine with cores to spare can raise it (TEST_WORKERS=4):
+# --dist loadfile keeps each file's tests on one worker, so the module fixtures (a cluster, a
+# pipeline run) are built once.
+TEST_WORKERS ?= 1
 
 # Debian's Chromium and its driver for the report's browser test (CI runs as root; elsewhere,
 # install the two packages yourself). With `make -j2 test` (.ci/run) this runs beside the pip install.
@@ -41,9 +43,9 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-# The autoscaler tests run after the rest, alone: Ray 2.60's raylet aborts when its node's
-# dashboard agent has not started within a hard-coded 15 s, and on 2 cores shared with the other
-# worker's vLLM engines the fake cloud's nodes kept failing to launch (measured in CI).
+# The autoscaler tests run after the rest, alone even with TEST_WORKERS > 1: Ray 2.60's raylet
+# aborts when its node's dashboard agent has not started within a hard-coded 15 s, and on 2 cores
+# shared with another worker's vLLM engines the fake cloud's nodes kept failing to launch.
 # Exit status 5 is pytest's "no tests selected" (PYTEST_ARGS="-m unit" selects none there).
 test: model browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/test_cluster.py $(PYTEST_ARGS)

@@ -42,7 +42,7 @@ from scalequest_ray import pipeline
 from scalequest_ray.config import load_config
 from scalequest_ray.storage import InputError, Storage
 
-# (make test runs files on two workers, each file's tests on one: they share one autoscaling cluster)
+# (the module's tests share one autoscaling cluster; make test runs this file alone, after the others)
 pytestmark = pytest.mark.cluster
 VENV_BIN = str(Path(sys.executable).parent)
 NUM_Q = 64  # 16 blocks of 4: a failure lands mid-stage
@@ -156,10 +156,16 @@ def _committed_shards(root: Path, stage: str = "questions") -> list[Path]:
     return [f for f in ckpt.glob("*.parquet") if not f.name.endswith(".pending.parquet")] if ckpt.exists() else []
 
 
-def _replica_actors(address: str):
+def _actors(address: str, class_part: str, alive: bool = False) -> list:
+    """Actors whose class name contains `class_part`, from the GCS (Ray's state API)."""
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(address=address, detail=True, limit=1000) if "vLLMEngineStage" in a.class_name]
+    return [a for a in list_actors(address=address, detail=True, limit=1000)
+            if class_part in a.class_name and (not alive or a.state == "ALIVE")]
+
+
+def _replica_actors(address: str, alive: bool = False) -> list:
+    return _actors(address, "vLLMEngineStage", alive)
 
 
 def _registered_checkpoint(run_dir: Path) -> bool:
@@ -172,11 +178,8 @@ def _registered_checkpoint(run_dir: Path) -> bool:
 
 def _training_worker_node(address: str) -> str:
     """The node of a live Ray Train worker that does not also hold the train controller."""
-    from ray.util.state import list_actors
-
-    actors = [a for a in list_actors(address=address, detail=True, limit=1000) if a.state == "ALIVE"]
-    controller = {a.node_id for a in actors if "TrainController" in a.class_name}
-    nodes = sorted({a.node_id for a in actors if "RayTrainWorker" in a.class_name} - controller)
+    controller = {a.node_id for a in _actors(address, "TrainController", alive=True)}
+    nodes = sorted({a.node_id for a in _actors(address, "RayTrainWorker", alive=True)} - controller)
     assert nodes, "no training worker on a node of its own"
     return nodes[0]
 
@@ -201,7 +204,6 @@ def test_autoscaling_pipeline_scales_engines_from_zero_to_max_and_back(cloud, ti
     stage starts, to 2 (the group's max) when the pool wants its second replica, back to 0 after
     the idle timeout. The CPU stages run on 1-CPU cpu_workers (the head has no CPU)."""
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
-    from ray.util.state import list_actors
 
     watch = NodeWatch()
     try:
@@ -255,12 +257,8 @@ def test_autoscaling_pipeline_scales_engines_from_zero_to_max_and_back(cloud, ti
     assert sorted(_ids(root, "selection")) == sorted(set(rewarded))  # one row per question with a candidate
 
     # Where the work ran (Ray's state API): replicas and scorers on gpu_worker nodes only.
-    placed = {}
-    for a in list_actors(address=cloud.address, detail=True, limit=1000):
-        for key in ("vLLMEngineStage", "Scorer"):
-            if key in a.class_name:
-                placed.setdefault(key, set()).add(a.node_id)
-    assert set(placed) == {"vLLMEngineStage", "Scorer"}
+    placed = {key: {a.node_id for a in _actors(cloud.address, key)} for key in ("vLLMEngineStage", "Scorer")}
+    assert all(placed.values())
     assert set().union(*placed.values()) <= watch.ids["gpu_worker"]
     # What each stage held, in its manifest (from the GCS tables).
     m = yaml.safe_load((root / "questions" / "_manifest.json").read_text())
@@ -303,7 +301,7 @@ def test_killed_replica_then_its_spot_node_taken_back(cloud, tiny_model, tmp_pat
         # ALIVE means the actor's __init__ (the engine load) is done and it is taking rows. Waiting
         # for a first shard instead raced the stage: the writes wait for a CPU node, so the first
         # shard can land when the last rows are already generated.
-        victim = _wait(lambda: [a for a in _replica_actors(cloud.address) if a.state == "ALIVE"], 300,
+        victim = _wait(lambda: _replica_actors(cloud.address, alive=True), 300,
                        "the replica", poll=0.5)[0]
         time.sleep(3)  # mid-batch: 96 rows take the tiny engine about two minutes
         assert not (root / "questions" / "_manifest.json").exists(), "the stage finished before the kill"
