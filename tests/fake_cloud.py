@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -234,10 +235,18 @@ class FakeCloud:
         self.config_path = self.workdir / "autoscaling.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.proc = None
+        self._token_env = None
 
     def start(self, timeout: float = 120) -> "FakeCloud":
-        # Token authentication on, as in cluster/aws/cluster.yaml (ray start makes ~/.ray/auth_token;
-        # a client connects with RAY_AUTH_MODE=token).
+        # Token authentication on, as in cluster/aws/cluster.yaml. `ray start` does not create a
+        # token (it fails where ~/.ray/auth_token is missing, as on a fresh machine): the cluster
+        # gets its own, in its folder, and this process, the head and every node read it from
+        # RAY_AUTH_TOKEN_PATH (a client connects with RAY_AUTH_MODE=token).
+        token = self.workdir / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self._token_env = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
         if self.v2:
@@ -303,3 +312,7 @@ class FakeCloud:
         psutil.wait_procs(ours, timeout=30)
         self.proc = None
         self.log.close()
+        if self._token_env is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = self._token_env

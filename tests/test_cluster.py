@@ -211,8 +211,16 @@ def test_autoscaling_pipeline_scales_engines_from_zero_to_max_and_back(cloud, ti
         assert watch.now().get("gpu_worker", 0) == 0
         root = tmp_path / "root"
         cfg = _config(tiny_model, root, **{
-            "models.tiny.scale": {"batch_size": 4, "replicas": [1, 2], **ENGINE},
-            "stages.questions.generators": [{"name": "tiny", "model": "tiny", "num_questions": 96}]})
+            # Each replica also holds its node's GPU, as on a real cluster. Ray Data's actor pool
+            # grows only within the resources the cluster has; its cluster autoscaler asks Ray's
+            # for more once the stage's throughput is known, in the shape of what the pool holds.
+            # Holding a GPU, that is a gpu_worker. Without it the request was for 1-CPU nodes,
+            # and only then did the pool add a replica whose actor launched the second gpu_worker.
+            # The stage often ended first: one gpu_worker (CI, 2026-12-02; twice here).
+            "models.tiny.scale": {"batch_size": 4, "replicas": [1, 2], **ENGINE, "resources": {"GPU": 1}},
+            "stages.questions.generators": [{"name": "tiny", "model": "tiny", "num_questions": 96}],
+            # 64 tokens (not 32): the stage runs long enough for the request and the node's launch.
+            "stages.questions.sampling": {"temperature": 1.0, "top_p": 0.99, "max_tokens": 64}})
         # The tiny model writes random text: the language filter keeps any language and any form.
         langs = sorted(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
         cfg["models"]["reward"] = {"path": str(tiny_reward), "engine": {"dtype": "float32"},
@@ -539,7 +547,8 @@ def test_ray_job_submit(cloud, tiny_model, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAY_AUTH_MODE"] = "token"  # the head's token authentication (the token is in ~/.ray/auth_token)
+    # the head's token authentication: the mode, and the cluster's own token (FakeCloud's file)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=os.environ["RAY_AUTH_TOKEN_PATH"])
     submit = [f"{VENV_BIN}/ray", "job", "submit", "--address", cloud.dashboard, "--working-dir", str(REPO), "--",
               "python", "ray_jobs/run_pipeline.py", "--config", str(path)]
     ok = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
