@@ -201,7 +201,8 @@ def _run_in_thread(cfg) -> tuple[threading.Thread, dict]:
 def test_autoscaling_pipeline_scales_engines_from_zero_to_max_and_back(cloud, tiny_model, tiny_reward, tmp_path):
     """questions -> language -> dedup -> difficulty -> responses -> reward -> selection with two
     engine replicas on the gpu_worker group: from 0 nodes to 2 (the group's max) when an engine
-    stage starts, back to 0 after the idle timeout. The CPU stages run on 1-CPU cpu_workers (the head has no CPU)."""
+    stage starts, back to 0 after the idle timeout. The CPU stages run on 1-CPU cpu_workers (the
+    head has no CPU)."""
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     watch = NodeWatch()
