@@ -40,6 +40,18 @@ from scalequest_ray.models import build_scorer_model, build_tiny_model, cache_di
 
 N_CANDIDATES = 5
 ENGINE = {"max_model_len": 512, "enforce_eager": True, "cpu_kv_cache_gib": 2, "max_num_seqs": 256}
+# The tests' tiny model gives EOS ~3% a token after the bare turn prefix: at 4 tokens 90% of its
+# questions were cut (excluded as truncated), and 1M questions left ~70K for the second half. The
+# questions come from a twin with EOS at ~30% a token there (eos_weight 1.1, measured with an HF
+# forward): about half end on their own in 1-4 tokens. After a solver prompt that twin ends 97% of
+# its replies at once (empty: the reward stage excludes them), so responses come from the tests'
+# model (cut at 4 tokens, which responses keep).
+EOS_WEIGHT = 1.1
+# top_p < 1 makes vLLM sort the whole 49K vocabulary for each row at each step on CPU: a bare
+# vllm.LLM generated 74 rows/s of the tiny model at top_p 0.99 and 449 at 1.0 (4 tokens, one
+# thread, per-row seeds either way). The model is random, so nothing is lost.
+QUESTION_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 4}
+RESPONSE_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "max_tokens": 4}
 
 
 class PeakRSS:
@@ -79,28 +91,36 @@ def rows_per_file(candidates: int) -> int:
     return max(500, min(20000, candidates // 50))
 
 
-def config(root: Path, tiny: Path, reward: Path, questions: int, input_file: str | None, stages: list[str],
-           per_file: int) -> dict:
+def config(root: Path, models: dict, questions: int, input_file: str | None, stages: list[str],
+           per_file: int, replicas: int) -> dict:
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     langs = sorted(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
     return {
         "name": "rehearsal", "root": str(root), "seed": 3, "report": False,
         "storage": {"rows_per_file": per_file},
-        "models": {"tiny": {"path": str(tiny), "engine": ENGINE, "scale": {"batch_size": 512, "cpus_per_replica": 1}},
-                   "reward": {"path": str(reward), "engine": {**ENGINE, "dtype": "float32"},
-                              "scale": {"batch_size": 512, "cpus_per_replica": 1}}},
+        "models": {"writer": {"path": str(models["writer"]), "engine": ENGINE, "scale": scale(replicas)},
+                   "solver": {"path": str(models["solver"]), "engine": ENGINE, "scale": scale(replicas)},
+                   "reward": {"path": str(models["reward"]), "engine": {**ENGINE, "dtype": "float32"},
+                              "scale": scale(replicas)}},
         "stages": {
-            "questions": {"generators": [{"name": "tiny", "model": "tiny", "num_questions": questions}],
-                          "sampling": {"temperature": 1.0, "top_p": 0.99, "max_tokens": 4}, "min_chars": 1},
+            "questions": {"generators": [{"name": "tiny", "model": "writer", "num_questions": questions}],
+                          "sampling": QUESTION_SAMPLING, "min_chars": 1},
             "language": {"languages": langs, "min_words": 1, "require_question": False},
             "dedup": {},
-            "responses": {"model": "tiny", "n": N_CANDIDATES, "sampling": {"max_tokens": 4}, "input": input_file},
+            "responses": {"model": "solver", "n": N_CANDIDATES, "sampling": RESPONSE_SAMPLING, "input": input_file},
             "reward": {"model": "reward", "max_length": 128},
             "selection": {},
         },
         "pipeline": stages,
     }
+
+
+def scale(replicas: int) -> dict:
+    """One engine thread per replica: the tiny model's steps are bound by vLLM's Python
+    scheduling and sampling, not by matmuls, so two 1-thread replicas use the 2 cores better
+    than one 2-thread replica."""
+    return {"replicas": [replicas, replicas], "batch_size": 512, "cpus_per_replica": 1}
 
 
 def first_rows(folder: Path, n: int, out: Path) -> int:
@@ -120,20 +140,21 @@ def first_rows(folder: Path, n: int, out: Path) -> int:
     return have
 
 
-def run_chain(label: str, base: Path, tiny: Path, reward: Path, questions: int, candidates: int, rss: PeakRSS) -> dict:
+def run_chain(label: str, base: Path, models: dict, questions: int, candidates: int, rss: PeakRSS,
+              replicas: int) -> dict:
     """questions -> language -> dedup at `questions` rows, then responses -> reward -> selection on
     candidates / 5 of the dedup'd questions. Returns the driver's peak RSS over the chain."""
     root = base / label
     shutil.rmtree(root, ignore_errors=True)
     peaks = []
     per_file = rows_per_file(candidates)
-    cfg = RunConfig.model_validate(config(root / "run", tiny, reward, questions, None, ["questions", "language", "dedup"],
-                                          per_file))
+    cfg = RunConfig.model_validate(config(root / "run", models, questions, None, ["questions", "language", "dedup"],
+                                          per_file, replicas))
     results = report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
     inputs = root / "inputs" / "questions.parquet"
     got = first_rows(root / "run" / "dedup" / "data", candidates // N_CANDIDATES, inputs)
-    cfg = RunConfig.model_validate(config(root / "run", tiny, reward, questions, str(inputs),
-                                          ["responses", "reward", "selection"], per_file))
+    cfg = RunConfig.model_validate(config(root / "run", models, questions, str(inputs),
+                                          ["responses", "reward", "selection"], per_file, replicas))
     results += report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
     print(f"{label}: {got} questions x {N_CANDIDATES} candidates", flush=True)
     return {"peak": max(peaks), "root": root, "inputs": inputs, "results": results}
@@ -157,7 +178,7 @@ def report(label: str, results: list, rss: PeakRSS, peaks: list) -> list:
     return out
 
 
-def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int) -> float:
+def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int, replicas: int) -> float:
     """A bare ray.data.llm processor over the same requests our responses stage sends (the same
     prompts, sampling and per-row seeds, engine settings from the same config): rows/s."""
     import ray
@@ -169,8 +190,8 @@ def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int) -> float:
     from scalequest_ray.prompts import SOLVER_INSTRUCTION
     from scalequest_ray.config import SamplingConfig
 
-    model = ModelConfig(path=str(tiny), engine=ENGINE, scale={"batch_size": 512, "cpus_per_replica": 1})
-    turn, _, sampling = chat_sampling(model, SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=4))
+    model = ModelConfig(path=str(tiny), engine=ENGINE, scale=scale(replicas))
+    turn, _, sampling = chat_sampling(model, SamplingConfig(**RESPONSE_SAMPLING))
 
     def expand(batch):
         rows = {"prompt": [], "sampling_params": []}
@@ -182,7 +203,7 @@ def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int) -> float:
 
     config = vLLMEngineProcessorConfig(
         model_source=str(tiny), engine_kwargs=engine_kwargs(model), runtime_env={"env_vars": cpu_engine_env(model)},
-        batch_size=512, concurrency=1, placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False,
+        batch_size=512, concurrency=replicas, placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     processor = build_processor(config, preprocess=lambda r: r, postprocess=lambda r: {
         "text": r.get("generated_text"), "n": r.get("num_generated_tokens")})
@@ -197,7 +218,7 @@ def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int) -> float:
     return rows / elapsed
 
 
-def kill_and_resume(base: Path, tiny: Path, reward: Path, inputs: Path, total: int) -> dict:
+def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas: int) -> dict:
     """The responses stage with its driver (the CLI, as a user runs it) killed by SIGKILL once half
     of its rows are committed, then the same command again: rows generated twice."""
     import pyarrow.parquet as pq
@@ -206,12 +227,21 @@ def kill_and_resume(base: Path, tiny: Path, reward: Path, inputs: Path, total: i
     shutil.rmtree(root, ignore_errors=True)
     path = base / "kill.yaml"
     per_file = rows_per_file(total)
-    path.write_text(json.dumps(config(root, tiny, reward, 1, str(inputs), ["responses"], per_file)))
+    path.write_text(json.dumps(config(root, models, 1, str(inputs), ["responses"], per_file, replicas)))
     cmd = [str(Path(sys.executable).parent / "scalequest-ray"), "run", str(path)]
     ckpt = root / "_checkpoints" / "responses"
 
     def committed() -> list[Path]:
         return [f for f in ckpt.glob("*.parquet") if not f.name.endswith(".pending.parquet")] if ckpt.exists() else []
+
+    def committed_rows() -> int:
+        rows = 0
+        for f in committed():
+            try:
+                rows += pq.ParquetFile(f).metadata.num_rows
+            except Exception:  # a file being renamed into place
+                pass
+        return rows
 
     def committed_ids() -> set:
         ids = set()
@@ -221,12 +251,12 @@ def kill_and_resume(base: Path, tiny: Path, reward: Path, inputs: Path, total: i
 
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     t0 = time.time()
-    while True:  # half of the candidates committed (each committed file holds rows_per_file ids)
+    while True:  # half of the candidates committed
         if driver.poll() is not None:
             raise RuntimeError("the first attempt finished before it could be killed")
-        if len(committed()) * per_file >= total // 2:
+        if committed_rows() >= total // 2:
             break
-        time.sleep(1)
+        time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     killed_after = time.time() - t0
@@ -249,6 +279,10 @@ def kill_and_resume(base: Path, tiny: Path, reward: Path, inputs: Path, total: i
     return {"committed": len(before), "regenerated": regenerated, "manifest_rows": m["rows"] + m["excluded_rows"]}
 
 
+def size_label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}K" if n % 1000 == 0 else str(n)
+
+
 def main():
     import ray
 
@@ -258,28 +292,37 @@ def main():
     ap.add_argument("--questions", type=int, default=1_000_000)
     ap.add_argument("--candidates", type=int, default=1_000_000)
     ap.add_argument("--small", type=int, default=100_000, help="the size the driver's memory is compared with")
+    ap.add_argument("--replicas", type=int, default=2, help="engine replicas per pool, one thread each")
+    ap.add_argument("--kill-at", choices=("small", "big"), default="big",
+                    help="the size of the responses stage that is killed and resumed")
     ap.add_argument("--root", default="/tmp/sq-rehearsal")
     args = ap.parse_args()
     base = Path(args.root)
     base.mkdir(parents=True, exist_ok=True)
-    tiny = build_tiny_model(cache_dir() / "models" / "tiny-llama-test", tokenizer_from=demo_model_dir())
-    reward = build_scorer_model(cache_dir() / "models" / "tiny-llama-reward-test", tiny)
+    solver = build_tiny_model(cache_dir() / "models" / "tiny-llama-test", tokenizer_from=demo_model_dir())
+    models = {"writer": build_tiny_model(cache_dir() / "models" / "tiny-llama-rehearsal", tokenizer_from=demo_model_dir(),
+                                         eos_weight=EOS_WEIGHT),
+              "solver": solver, "reward": build_scorer_model(cache_dir() / "models" / "tiny-llama-reward-test", solver)}
     configure_data_context()
     ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
              log_to_driver=False)
     rss = PeakRSS()
     t0 = time.time()
-    small = run_chain("100K", base, tiny, reward, args.small, args.small, rss)
-    # Same requests, side by side: our responses stage (from the 100K chain) and a bare processor.
+    small_label, big_label = size_label(args.small), size_label(args.candidates)
+    small = run_chain(small_label, base, models, args.small, args.small, rss, args.replicas)
+    # Same requests, side by side: our responses stage (from the small chain) and a bare processor.
     ours = next(r for r in small["results"] if r["stage"] == "responses")["rows_per_s"]
-    bare = bare_processor(tiny, small["inputs"], base / "bare", run_seed=3)
-    print(f"100K candidates: our responses stage {ours:.0f} rows/s, bare ray.data.llm {bare:.0f} rows/s", flush=True)
-    big = run_chain("1M", base, tiny, reward, args.questions, args.candidates, rss)
-    kill = kill_and_resume(base, tiny, reward, big["inputs"], args.candidates)
+    bare = bare_processor(solver, small["inputs"], base / "bare", run_seed=3, replicas=args.replicas)
+    print(f"{small_label} candidates: our responses stage {ours:.0f} rows/s, bare ray.data.llm {bare:.0f} rows/s",
+          flush=True)
+    big = run_chain(big_label, base, models, args.questions, args.candidates, rss, args.replicas)
+    killed = big if args.kill_at == "big" else small
+    kill = kill_and_resume(base, models, killed["inputs"], args.candidates if args.kill_at == "big" else args.small,
+                           args.replicas)
     rss.stop()
     ray.shutdown()
     growth = 100 * (big["peak"] - small["peak"]) / small["peak"]
-    print(f"driver peak: {small['peak'] / 2**20:.0f} MiB at 100K, {big['peak'] / 2**20:.0f} MiB at 1M "
+    print(f"driver peak: {small['peak'] / 2**20:.0f} MiB at {small_label}, {big['peak'] / 2**20:.0f} MiB at {big_label} "
           f"(whole rehearsal {time.time() - t0:.0f} s)")
     print(f"driver_peak_growth_pct={growth:.1f} overhead_ratio={ours / bare:.2f} "
           f"regenerated_after_resume={kill['regenerated']}")
