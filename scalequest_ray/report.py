@@ -246,7 +246,7 @@ pre{white-space:pre-wrap;margin:0;max-width:50em}
 <td>{{ r.stage }}</td><td>{{ r.unit }}</td><td class="n">{{ r.rows_in }}</td><td class="n">{{ r.kept }}</td>
 <td class="n">{{ r.dropped }}</td>
 <td>{% for k, v in r.dropped_by_reason.items() %}{{ k }}: {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}</td>
-<td>{% if r.wellformed %}{{ r.wellformed.share }} of {{ r.wellformed.of }}{% endif %}</td></tr>
+<td>{% if r.wellformed %}{{ r.wellformed.get("wellformed", 0) }} of {{ r.wellformed.of }} ({{ "%.2f"|format(r.wellformed.share) }}){% endif %}</td></tr>
 {% endfor %}</table>
 <h2>Stages</h2>
 <p class="note">Replicas per pool: min/mean/max alive. CPU- and GPU-hours: what the stage's actors held

@@ -161,6 +161,7 @@ def test_report_is_one_offline_page_with_charts_and_the_funnel(run_root):
     assert [(r["data-stage"], int(r["data-rows-in"]), int(r["data-kept"]), int(r["data-dropped"])) for r in parser.rows] == \
         [(r["stage"], r["rows_in"], r["kept"], r["dropped"]) for r in funnel]
     assert "10 steps, loss 2.512 -&gt; 1.200" in html  # the note is text: autoescaped
+    assert "<td>30 of 40 (0.75)</td>" in html  # well-formed questions, as the console prints them
 
 
 def test_report_escapes_and_cuts_example_text(run_root, tmp_path):
