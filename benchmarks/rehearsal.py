@@ -150,14 +150,23 @@ def run_chain(label: str, base: Path, models: dict, questions: int, candidates: 
     per_file = rows_per_file(candidates)
     cfg = RunConfig.model_validate(config(root / "run", models, questions, None, ["questions", "language", "dedup"],
                                           per_file, replicas))
-    results = report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
+    results = per_stage(label, cfg, rss, peaks)
     inputs = root / "inputs" / "questions.parquet"
     got = first_rows(root / "run" / "dedup" / "data", candidates // N_CANDIDATES, inputs)
     cfg = RunConfig.model_validate(config(root / "run", models, questions, str(inputs),
                                           ["responses", "reward", "selection"], per_file, replicas))
-    results += report(label, pipeline.run(cfg, echo=lambda _: None), rss, peaks)
+    results += per_stage(label, cfg, rss, peaks)
     print(f"{label}: {got} questions x {N_CANDIDATES} candidates", flush=True)
     return {"peak": max(peaks), "root": root, "inputs": inputs, "results": results}
+
+
+def per_stage(label: str, cfg: RunConfig, rss: PeakRSS, peaks: list) -> list:
+    """The config's stages one at a time, so that each gets its own driver peak."""
+    rss.take()
+    out = []
+    for stage in cfg.pipeline:
+        out += report(label, pipeline.run(cfg, stages=[stage], echo=lambda _: None), rss, peaks)
+    return out
 
 
 def report(label: str, results: list, rss: PeakRSS, peaks: list) -> list:
@@ -308,7 +317,9 @@ def main():
              log_to_driver=False)
     rss = PeakRSS()
     t0 = time.time()
-    small_label, big_label = size_label(args.small), size_label(args.candidates)
+    small_label = size_label(args.small)
+    big_label = size_label(args.candidates) if args.questions == args.candidates else \
+        f"{size_label(args.questions)}q-{size_label(args.candidates)}c"
     small = run_chain(small_label, base, models, args.small, args.small, rss, args.replicas)
     # Same requests, side by side: our responses stage (from the small chain) and a bare processor.
     ours = next(r for r in small["results"] if r["stage"] == "responses")["rows_per_s"]
