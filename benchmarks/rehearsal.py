@@ -229,7 +229,12 @@ def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int, replicas:
 
 def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas: int) -> dict:
     """The responses stage with its driver (the CLI, as a user runs it) killed by SIGKILL once half
-    of its rows are committed, then the same command again: rows generated twice."""
+    of its rows are committed, then the same command again: rows generated twice.
+
+    A row counts as generated twice when the rerun wrote it and a file the killed attempt left
+    holds it too. Files of writes whose commit never happened are deleted by the rerun (their rows
+    were never committed, so making them again is the resume working), so the files compared are
+    the ones still there after the rerun."""
     import pyarrow.parquet as pq
 
     root = base / "kill"
@@ -240,23 +245,22 @@ def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas
     cmd = [str(Path(sys.executable).parent / "scalequest-ray"), "run", str(path)]
     ckpt = root / "_checkpoints" / "responses"
 
-    def committed() -> list[Path]:
-        return [f for f in ckpt.glob("*.parquet") if not f.name.endswith(".pending.parquet")] if ckpt.exists() else []
-
     def committed_rows() -> int:
         rows = 0
-        for f in committed():
+        for f in (ckpt.glob("*.parquet") if ckpt.exists() else []):
+            if f.name.endswith(".pending.parquet"):
+                continue
             try:
                 rows += pq.ParquetFile(f).metadata.num_rows
             except Exception:  # a file being renamed into place
                 pass
         return rows
 
-    def committed_ids() -> set:
-        ids = set()
-        for f in committed():
-            ids.update(pq.read_table(f)["response_id"].to_pylist())  # the stage's resume id
-        return ids
+    def files() -> dict:
+        return {f"{sub}/{f.name}": f for sub in ("data", "exclusions") for f in (root / "responses" / sub).glob("*.parquet")}
+
+    def ids(paths) -> list:
+        return [i for f in paths for i in pq.read_table(f, columns=["response_id"])["response_id"].to_pylist()]
 
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     t0 = time.time()
@@ -269,23 +273,25 @@ def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     killed_after = time.time() - t0
-    before = committed_ids()
-    files_before = {f.name for sub in ("data", "exclusions") for f in (root / "responses" / sub).glob("*.parquet")}
+    committed = committed_rows()
+    before = set(files())
     t1 = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     rerun_s = time.time() - t1
     m = json.loads((root / "responses" / "_manifest.json").read_text())
-    again = []
-    for sub in ("data", "exclusions"):
-        for f in (root / "responses" / sub).glob("*.parquet"):
-            if f.name not in files_before:
-                again += pq.read_table(f, columns=["response_id"])["response_id"].to_pylist()
-    regenerated = len(set(again) & before)
-    print(f"kill: after {killed_after:.0f} s, {len(before)} candidates committed; rerun {rerun_s:.0f} s: "
-          f"{m['resumed_rows']} taken over, {m['rows_written']} written, {regenerated} generated twice", flush=True)
-    return {"committed": len(before), "regenerated": regenerated, "manifest_rows": m["rows"] + m["excluded_rows"]}
+    after = files()
+    kept = set(ids(after[k] for k in before & set(after)))
+    again = ids(after[k] for k in set(after) - before)
+    regenerated = sum(1 for i in again if i in kept)
+    every = ids(after.values())
+    once = len(every) == len(set(every)) == m["rows"] + m["excluded_rows"]
+    print(f"kill: after {killed_after:.0f} s, {committed} candidates committed; rerun {rerun_s:.0f} s: "
+          f"{m['resumed_rows']} taken over, {m['rows_written']} written, {regenerated} generated twice, "
+          f"every id once: {once}", flush=True)
+    return {"committed": committed, "regenerated": regenerated, "every_id_once": once,
+            "manifest_rows": m["rows"] + m["excluded_rows"]}
 
 
 def size_label(n: int) -> str:

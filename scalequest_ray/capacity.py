@@ -102,30 +102,42 @@ def check(cfg: RunConfig, stages: list[str], nodes: list[dict], autoscaler=None)
                              f"(the largest node has {_fmt(largest)})")
 
 
-def has_autoscaler() -> bool:
+def has_autoscaler(wait_s: float = 15.0) -> bool:
     """Whether an autoscaler that can add nodes publishes its state in this cluster's GCS.
 
     A plain `ray.init()` or `ray start --head` without a cluster file runs Ray's monitor too, with
     a read-only provider: it reports every node under a node type made up from the node's id
-    (`format_readonly_node_type`) and never launches one. That cluster has a fixed size."""
+    (`format_readonly_node_type`) and never launches one. That cluster has a fixed size.
+
+    Right after `ray.init()` the monitor has not listed any node yet; that cannot be told from an
+    autoscaler that may still add nodes, and taking it as one made a local run whose unit no node
+    can hold wait forever instead of failing (seen with accelerator_type on a local Ray). So this
+    waits up to `wait_s` for the first report that lists nodes (the monitor reports every second
+    or so)."""
     import json
+    import time
 
     from ray.autoscaler._private.util import format_readonly_node_type
     from ray.experimental.internal_kv import _internal_kv_get
 
-    try:
-        raw = _internal_kv_get("__autoscaling_status")
-    except Exception:  # noqa: BLE001 - no GCS to ask: treat as a fixed cluster
-        return False
-    if not raw:
-        return False
-    try:
-        types = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
-    except ValueError:
-        return True
-    # No node listed yet: cannot tell, so nodes may come (a wrong "fixed" would fail a stage that
-    # the autoscaler could have served).
-    return not types or any(t != format_readonly_node_type(n) for n, t in types.items())
+    end = time.time() + wait_s
+    while True:
+        try:
+            raw = _internal_kv_get("__autoscaling_status")
+        except Exception:  # noqa: BLE001 - no GCS to ask: treat as a fixed cluster
+            return False
+        try:
+            types = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {} if raw else {}
+        except ValueError:
+            return True
+        if types:
+            return any(t != format_readonly_node_type(n) for n, t in types.items())
+        if time.time() >= end:
+            # No report, or none that lists a node: a monitor that never reported is no autoscaler;
+            # one that reported no node yet may still add some (a wrong "fixed" would fail a
+            # stage that the autoscaler could have served).
+            return bool(raw)
+        time.sleep(0.25)
 
 
 def alive_nodes() -> list[dict]:

@@ -204,7 +204,18 @@ def build_llm(model: ModelConfig, preprocess: Callable, postprocess: Callable, s
     # ("Connecting to existing Ray cluster", "Calling ray.init() again", "No cloud storage mirror
     # configured"): nothing a user acts on. Their warnings and errors still print.
     with _quiet_loggers(logging.getLogger("ray._private.worker"), download_utils.logger):
-        return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+        processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+    def run(ds):
+        # Ray Data hands the engine pool one task per input block and cuts it into batches inside
+        # the task, whose rows come out only when the whole block is done. A 12,500-row block (one
+        # request file) then sat on a replica for the whole stage, next to every other block (each
+        # replica takes up to 2 x max_concurrent_batches tasks at once), so nothing reached the
+        # write, and nothing was committed for a resume, until the stage's last seconds. Blocks of
+        # one batch finish in the order they were sent: rows stream to the write as they are made.
+        return processor(ds.repartition(target_num_rows_per_block=s.batch_size))
+
+    return run
 
 
 @contextlib.contextmanager

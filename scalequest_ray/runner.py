@@ -230,15 +230,15 @@ def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, 
     """Run `spec` on `given` (its input, upstream identity and rows in, worked out once by the
     pipeline). `spec.build` returns a Ray Dataset with a REASON column (null = kept).
 
-    With a resume id (the stage's own, unless its rows come from a user's file, where ids may
-    repeat), an interrupted attempt is continued (see the module docstring)."""
+    With a resume id (the stage's own; over a user's file, where ids may repeat, only one the
+    stage numbers itself), an interrupted attempt is continued (see the module docstring)."""
     stage = spec.name
     fingerprint = cfg.stage_fingerprint(stage, given.upstream)
     previous = storage.manifest(stage)
     if previous and previous.get("config_hash") == fingerprint and not force:
         return StageResult(stage, previous, skipped=True)
 
-    resume_id = None if given.from_user_file else spec.resume_id
+    resume_id = None if given.from_user_file and not spec.resume_id_made_here else spec.resume_id
     started_path = storage.path(stage, STARTED)
     before = storage.read_json(started_path) if storage.exists(started_path) else None
     resuming = bool(resume_id) and not force and previous is None and bool(before) \

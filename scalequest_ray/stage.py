@@ -37,6 +37,9 @@ class Stage:
     # a column unique per row from the stage's reads to its output: with it, a killed attempt
     # is continued without generating its written rows again
     resume_id: Optional[str] = None
+    # the stage numbers its rows itself (the id is unique whatever its input holds), so it also
+    # resumes over a user's file, where ids taken from the input may repeat
+    resume_id_made_here: bool = False
     # the column with the tokens THIS stage generated (None: it generates none)
     tokens_column: Optional[str] = TOKENS
     unit: str = "questions"  # what a row is, in the funnel

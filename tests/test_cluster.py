@@ -410,6 +410,48 @@ def test_killed_driver_resumes_without_regenerating_written_rows(cloud, tiny_mod
     assert m["rows_written"] == NUM_Q - len(committed)
 
 
+def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(cloud, tiny_model, tmp_path):
+    """The responses stage over a user's file whose first and last rows share a query_id: the
+    stage numbers its requests itself, so a killed attempt over such a file is continued too
+    (it used to start over), and neither twin is lost or written twice."""
+    n_q = NUM_Q // 2
+    rows = [{"query_id": "twin" if i in (0, n_q - 1) else f"u{i:03d}", "query": f"What is {i} plus {i + 3}?"}
+            for i in range(n_q)]
+    src = tmp_path / "questions.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = tmp_path / "root"
+    cfg = _config(tiny_model, root, **{"stages.responses.input": str(src), "stages.responses.n": 2,
+                                       "stages.responses.sampling": {"temperature": 0.7, "top_p": 0.95,
+                                                                     "max_tokens": 32}})
+    cfg["pipeline"] = ["responses"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ADDRESS": cloud.address}
+    cmd = [f"{VENV_BIN}/scalequest-ray", "run", str(path)]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait(lambda: len(_committed_shards(root, "responses")) >= 2, 300, "committed shards", poll=0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (root / "responses" / "_manifest.json").exists(), "the stage finished before the kill"
+    committed = sum(pq.ParquetFile(f).metadata.num_rows for f in _committed_shards(root, "responses"))
+    assert 0 < committed < 2 * n_q
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "taken over from an interrupted attempt" in done.stdout
+    written = sorted(_ids(root, "responses", "response_id"))
+    expected = sorted(f"{r['query_id']}#{k}" for r in rows for k in range(2))  # the twins' ids twice each
+    assert written == expected
+    twins = [q for q, i in zip(_ids(root, "responses", "query"), _ids(root, "responses")) if i == "twin"]
+    assert sorted(twins) == sorted([rows[0]["query"]] * 2 + [rows[-1]["query"]] * 2)
+    m = yaml.safe_load((root / "responses" / "_manifest.json").read_text())
+    assert m["resumed_rows"] == committed and m["rows_written"] == 2 * n_q - committed
+    assert "request_no" not in pq.read_schema(next((root / "responses" / "data").glob("*.parquet"))).names
+
+
 class FaultyS3Proxy:
     """An HTTP proxy in front of the moto server that answers some requests itself with an
     error: every `every`-th request a 503 SlowDown (transient), and with `deny` a 403 for PUTs

@@ -83,3 +83,29 @@ def test_ray_job_entrypoint_reports_bad_config(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: pipeline runs 'questions' but stages.questions is not configured"
+
+
+def test_cli_on_its_own_local_ray_fails_fast_on_a_replica_no_node_can_hold(tiny_model, tmp_path):
+    """The CLI starts a local Ray; a replica that asks for an accelerator this machine lacks fails in
+    seconds with one line. (It used to wait forever: right after `ray.init()` the monitor has not
+    listed any node, which was taken for an autoscaler that might still add one.)"""
+    import os
+    import time
+
+    import yaml
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_model, str(tmp_path / "root"), **{"models.tiny.scale": {"batch_size": 8, "accelerator_type": "A100"}})
+    cfg["pipeline"] = ["questions"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.time()
+    proc = subprocess.run([str(Path(sys.executable).parent / "scalequest-ray"), "run", str(path)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: stages.questions: a vLLM replica of models.tiny needs CPU 1, accelerator_type:A100 0.001; no node of "
+        "this cluster (and no autoscaler adds nodes) has that (the largest node has CPU ")
+    assert time.time() - start < 120
+    assert not (tmp_path / "root" / "questions").exists()

@@ -84,4 +84,6 @@ def test_every_stage_module_declares_its_stage_in_the_registry():
     # resume ids as the failure tests rely on them
     assert {n: s.resume_id for n, s in specs.items() if s.resume_id} == {
         "questions": "id", "language": "query_id", "solvability": "query_id",
-        "responses": "response_id", "reward": "response_id"}
+        "responses": "request_no", "reward": "response_id"}
+    # only a stage that numbers its rows itself resumes over a user's file (ids there may repeat)
+    assert {n for n, s in specs.items() if s.resume_id_made_here} == {"responses"}

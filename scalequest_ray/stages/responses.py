@@ -32,7 +32,14 @@ SCHEMA = pa.schema([
     ("answer_format", pa.string()),
     ("solver_model", pa.string()),
     *GENERATION_FIELDS,
+    ("request_no", pa.int64()),  # the stage's resume id (private: not in the output)
 ])
+
+# The resume id is a number the stage gives each request row when it writes the requests, not
+# response_id: response_id comes from the input's query_id (or the query's text), and a user's
+# file may hold one twice; Ray Data's checkpoint would then take a row as written because its
+# twin was, and drop it on resume.
+REQUEST_NO = "request_no"  # (not "request_id": Ray Data LLM writes its own column of that name)
 
 
 def normalize(batch: pd.DataFrame, max_query_chars: int) -> pd.DataFrame:
@@ -52,7 +59,7 @@ def normalize(batch: pd.DataFrame, max_query_chars: int) -> pd.DataFrame:
 
 def _excluded_inputs(batch: pd.DataFrame, solver: str) -> pa.Table:
     rows = [{"query_id": r["query_id"], "response_id": r["response_id"], "query": r["query"], "solver_model": solver,
-             REASON: r[REASON], TOKENS: 0} for r in batch.to_dict("records")]
+             REASON: r[REASON], TOKENS: 0, REQUEST_NO: r[REQUEST_NO]} for r in batch.to_dict("records")]
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
@@ -94,8 +101,30 @@ def finalize(batch: pd.DataFrame, solver: str, sampling: dict, stop_ids: list, m
             "solver_model": solver, "seed": int(r["seed"]), "sampling": sampling_json,
             "finish_reason": out["finish_reason"], "num_input_tokens": out["num_input_tokens"],
             TOKENS: out["num_output_tokens"], REASON: "engine_error" if out["error"] else None, "error": out["error"],
+            REQUEST_NO: None if r.get(REQUEST_NO) is None else int(r[REQUEST_NO]),  # (difficulty_labels has none)
         })
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _numbered_requests(path: str, filesystem, min_rows: int):
+    """A Parquet datasink that numbers the request rows it writes (REQUEST_NO): the write task's
+    index in the high 32 bits, the row's place among that task's rows below. The requests are
+    written once per attempt of the stage and read again on resume, so the numbers are unique
+    and stable; a retried write task writes the same rows under the same file names again."""
+    import numpy as np
+    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+    from ray.data.block import BlockAccessor
+
+    class NumberedRequests(ParquetDatasink):
+        def write(self, blocks, ctx) -> None:
+            tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+            if not tables:
+                return
+            table = pa.concat_tables(tables, promote_options="permissive")
+            ids = np.arange(table.num_rows, dtype=np.int64) + (int(ctx.task_idx) << 32)
+            super().write([table.append_column(REQUEST_NO, pa.array(ids))], ctx)
+
+    return NumberedRequests(path, filesystem=filesystem, min_rows_per_file=min_rows)
 
 
 def build(cfg: RunConfig, storage: Storage, given: StageInput):
@@ -105,19 +134,19 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     rcfg = cfg.stages.responses
     model = cfg.models[rcfg.model]
     turn, stops, sampling = chat_sampling(model, rcfg.sampling, cfg.storage.endpoint_url)
-    # The questions are expanded into one row per candidate first and written under _work/:
-    # the generation then maps rows 1:1, which is what Ray Data's checkpointing (resume id
-    # `response_id`) needs; a question's n candidates may land in different blocks.
+    # The questions are expanded into one row per candidate first and written under _work/, each
+    # numbered: the generation then maps rows 1:1, which is what Ray Data's checkpointing (resume
+    # id REQUEST_NO) needs; a question's n candidates may land in different blocks.
     work, done = storage.path("responses", WORK, "requests"), storage.path("responses", WORK, "_done.json")
-    if not storage.exists(done):
+    if not storage.exists(done) or REQUEST_NO not in storage.read_json(done):
         source = read_input(given.uri, cfg.storage.endpoint_url, required_column="query")
         if source.count() == 0:
             raise InputError(f"input {given.uri} has no rows")
         storage.delete_dir(work)
         source.map_batches(normalize, batch_format="pandas", fn_kwargs={"max_query_chars": rcfg.max_query_chars}) \
             .map_batches(_expand, batch_format="pandas", fn_kwargs={"n": rcfg.n, "run_seed": cfg.seed}) \
-            .write_parquet(work, filesystem=storage.fs, min_rows_per_file=cfg.storage.rows_for("responses"))
-        storage.write_json(done, {"n": rcfg.n})
+            .write_datasink(_numbered_requests(work, storage.fs, cfg.storage.rows_for("responses")))
+        storage.write_json(done, {"n": rcfg.n, REQUEST_NO: True})
     requests = ray.data.read_parquet(work, filesystem=storage.fs)
     rejected = requests.filter(expr=col(REASON).is_not_null()).map_batches(
         _excluded_inputs, batch_format="pandas", fn_kwargs={"solver": model.path})
@@ -129,4 +158,5 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     return generated.union(rejected)
 
 
-STAGE = Stage("responses", build, runs_on="engine", resume_id="response_id", unit="candidates")
+STAGE = Stage("responses", build, runs_on="engine", resume_id=REQUEST_NO, resume_id_made_here=True,
+              private_columns=(REQUEST_NO,), unit="candidates")
