@@ -79,9 +79,11 @@ class PeakRSS:
 
 def spilled_bytes() -> int:
     """Object-store bytes spilled to disk so far (Ray's own memory summary)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    m = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    # (this cluster's address: without one, Ray asks the last `ray start` cluster of this machine)
+    m = re.search(r"Spilled (\d+) MiB", memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True))
     return int(m.group(1)) * 2**20 if m else 0
 
 

@@ -42,33 +42,79 @@ def actor_bundle(model: ModelConfig) -> dict:
     return bundle
 
 
-def stage_needs(cfg: RunConfig, stage: str) -> list[tuple[str, dict]]:
-    """(what, bundle) for every kind of unit the stage schedules."""
+def stage_pools(cfg: RunConfig, stage: str) -> list[tuple[str, str, list[dict]]]:
+    """(what one unit is, model name, bundles of one unit) for every actor pool of a data stage:
+    its vLLM replica pools and HF scoring actor pools, sized by models.<name>.scale.replicas."""
     from .scoring import scoring_engine
     from .stages import registry
 
     kind, section = stage_kind(stage), cfg.section(stage)
-    task = ("a Ray Data task", {"CPU": 1})
+    if kind in TRAINING_STAGES:
+        return []
+    runs_on = registry()[kind].runs_on
+    if runs_on == "engine":
+        names = [g.model for g in getattr(section, "generators", [])] + [
+            getattr(section, k) for k in ("model", "generator", "optimizer_model") if getattr(section, k, None)]
+        return [(f"vLLM replica of models.{name}", name, replica_bundles(cfg.models[name]))
+                for name in dict.fromkeys(names)]
+    if runs_on == "scoring":
+        model = cfg.models[section.model]
+        method = getattr(section, "method", "sequence_classification")
+        if scoring_engine(method, section.engine, model) == "vllm":
+            return [(f"vLLM replica of models.{section.model}", section.model, replica_bundles(model))]
+        return [(f"scoring actor of models.{section.model}", section.model, [actor_bundle(model)])]
+    return []
+
+
+def stage_needs(cfg: RunConfig, stage: str) -> list[tuple[str, dict]]:
+    """(what, bundle) for every kind of unit the stage schedules."""
+    kind, section = stage_kind(stage), cfg.section(stage)
     if kind in TRAINING_STAGES:
         worker = {"CPU": section.cpus_per_worker, **section.resources}
         if section.gpus_per_worker:
             worker["GPU"] = section.gpus_per_worker
         return [("a Ray Train worker", worker)]
-    runs_on = registry()[kind].runs_on
-    needs = [task]
-    if runs_on == "engine":
-        names = [g.model for g in getattr(section, "generators", [])] + [
-            getattr(section, k) for k in ("model", "generator", "optimizer_model") if getattr(section, k, None)]
-        for name in dict.fromkeys(names):
-            needs += [(f"a vLLM replica of models.{name}", b) for b in replica_bundles(cfg.models[name])]
-    elif runs_on == "scoring":
-        model = cfg.models[section.model]
-        method = getattr(section, "method", "sequence_classification")
-        if scoring_engine(method, section.engine, model) == "vllm":
-            needs += [(f"a vLLM replica of models.{section.model}", b) for b in replica_bundles(model)]
-        else:
-            needs.append((f"a scoring actor of models.{section.model}", actor_bundle(model)))
-    return needs
+    return [("a Ray Data task", {"CPU": 1})] + [
+        (f"a {what}", b) for what, _, bundles in stage_pools(cfg, stage) for b in bundles]
+
+
+def fit_pools(cfg: RunConfig, stage: str, cluster_cpus: float, filters: int = 0) -> tuple[RunConfig, list[str]]:
+    """The config with the stage's actor pools shrunk to what a fixed-size cluster of
+    `cluster_cpus` CPUs can hold all at once, and one line per pool that was shrunk.
+
+    Ray Data starts every pool at its minimum and holds those CPUs for the whole stage; its read,
+    map and write tasks need a CPU besides, and on a resumed run each read of the plan gets a
+    checkpoint filter actor of 1 CPU (Ray Data's CheckpointFilter; its CPU is not configurable).
+    Pools that take every CPU leave the tasks none, and the stage waits forever (a 4-CPU local
+    Ray with 2 one-CPU replicas deadlocked on resume after a killed driver). Raises InputError
+    (one line) when even one unit per pool leaves no CPU for a task."""
+    pools = [(what, name, sum(b.get("CPU", 0) for b in bundles)) for what, name, bundles in stage_pools(cfg, stage)]
+    fixed = 1 + filters  # one task at a time keeps data moving
+    lows = {name: cfg.models[name].scale.replicas[0] for _, name, _ in pools}
+    need = fixed + sum(lows[name] * cpus for _, name, cpus in pools)
+    if need <= cluster_cpus:
+        return cfg, []
+    minimum = fixed + sum(cpus for _, _, cpus in pools)
+    held = (f"{filters} checkpoint filter actor{'s' if filters != 1 else ''} of 1 CPU, " if filters else "")
+    if minimum > cluster_cpus:
+        raise InputError(f"stages.{stage}: needs {minimum:g} CPUs at once ({held}"
+                         + ", ".join(f"{cpus:g} per {what}" for what, _, cpus in pools)
+                         + f", 1 for a Ray Data task); this cluster has {cluster_cpus:g} and no autoscaler "
+                         "(set ray.num_cpus, or fewer cpus_per_replica)")
+    spare = cluster_cpus - minimum
+    lines = []
+    fitted = cfg.model_copy(deep=True)
+    for what, name, cpus in pools:
+        lo, hi = cfg.models[name].scale.replicas
+        extra = min(lo - 1, int(spare // cpus)) if cpus else lo - 1
+        spare -= extra * cpus
+        new = (1 + extra, min(hi, 1 + extra + (int(spare // cpus) if cpus else hi)))
+        if new != (lo, hi):
+            fitted.models[name].scale.replicas = new
+        if new[0] < lo:
+            lines.append(f"stages.{stage}: {new[0]} {what} instead of {lo}: this cluster has {cluster_cpus:g} CPUs "
+                         f"and no autoscaler, and {held}1 for a Ray Data task must fit beside the pools")
+    return fitted, lines
 
 
 def fits(bundle: dict, node: dict) -> bool:
@@ -138,6 +184,19 @@ def has_autoscaler(wait_s: float = 15.0) -> bool:
             # stage that the autoscaler could have served).
             return bool(raw)
         time.sleep(0.25)
+
+
+def fit_to_cluster(cfg: RunConfig, stage: str, filters: int) -> tuple[RunConfig, list[str]]:
+    """fit_pools on this cluster's CPUs; unchanged under an autoscaler, which adds a
+    node for the tasks that wait."""
+    cpus = sum(n.get("CPU", 0) for n in alive_nodes())
+    try:
+        fitted, lines = fit_pools(cfg, stage, cpus, filters)
+    except InputError:
+        if has_autoscaler():
+            return cfg, []
+        raise
+    return (cfg, []) if lines and has_autoscaler() else (fitted, lines)
 
 
 def alive_nodes() -> list[dict]:

@@ -101,7 +101,8 @@ def run(cfg: RunConfig, stages: Optional[list[str]] = None, force: bool = False,
         if trained:  # the exported models it uses are part of what it depends on
             given = replace(given, upstream="|".join(filter(None, [given.upstream, *trained])))
         # A named instance (qpo_pairs@qwen) is its kind's stage under its own name: folder, manifest, resume.
-        result = run_stage(cfg, storage, replace(specs[kind], name=stage), given, force=force, echo=echo)
+        result = run_stage(cfg, storage, replace(specs[kind], name=stage), given, force=force, echo=echo,
+                           fit=capacity.fit_to_cluster)
         echo(result.summary())
         results.append(result)
     rows = funnel(cfg, storage, cfg.pipeline)

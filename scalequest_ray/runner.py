@@ -178,6 +178,21 @@ def checkpoint_config(storage: Storage, stage: str, id_column: str):
     return config
 
 
+def reads(dataset) -> int:
+    """Reads in the dataset's plan: on a resumed run Ray Data puts a checkpoint filter actor pool
+    behind each. A read that two branches share counts twice: the planner plans it once per
+    branch (responses reads its requests for the generated and the rejected rows). Ray Data has
+    no public view of a plan's operators."""
+    from ray.data._internal.logical.operators.read_operator import Read, ReadFiles
+
+    todo, count = [dataset._logical_plan.dag], 0
+    while todo:
+        op = todo.pop()
+        count += isinstance(op, (Read, ReadFiles))
+        todo.extend(op.input_dependencies)
+    return count
+
+
 def committed_rows(storage: Storage, stage: str) -> int:
     """Rows whose write an earlier attempt committed (pending ones excluded)."""
     files = [f for f in storage.parquet_files(storage.path(CHECKPOINTS, stage)) if not f.endswith(".pending.parquet")]
@@ -226,12 +241,15 @@ def _written_so_far(storage: Storage, stage: str):
 
 
 def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, force: bool = False,
-              echo=print) -> StageResult:
+              echo=print, fit=None) -> StageResult:
     """Run `spec` on `given` (its input, upstream identity and rows in, worked out once by the
     pipeline). `spec.build` returns a Ray Dataset with a REASON column (null = kept).
 
     With a resume id (the stage's own; over a user's file, where ids may repeat, only one the
-    stage numbers itself), an interrupted attempt is continued (see the module docstring)."""
+    stage numbers itself), an interrupted attempt is continued (see the module docstring).
+
+    `fit(cfg, stage, filters)` -> (config, lines): the config the stage's pools run with on this
+    cluster (capacity.fit_to_cluster), given the checkpoint filter actors a resume adds."""
     stage = spec.name
     fingerprint = cfg.stage_fingerprint(stage, given.upstream)
     previous = storage.manifest(stage)
@@ -250,9 +268,18 @@ def run_stage(cfg: RunConfig, storage: Storage, spec: Stage, given: StageInput, 
     started = time.time()
     resumed_rows = committed_rows(storage, stage) if resuming else 0
 
-    dataset = spec.build(cfg, storage, given)
-    if resume_id:
-        dataset.context.checkpoint_config = checkpoint_config(storage, stage, resume_id)
+    def build(run_cfg: RunConfig):
+        ds = spec.build(run_cfg, storage, given)
+        if resume_id:
+            ds.context.checkpoint_config = checkpoint_config(storage, stage, resume_id)
+        return ds
+
+    dataset = build(cfg)
+    fitted, lines = fit(cfg, stage, reads(dataset) if resumed_rows else 0) if fit else (cfg, [])
+    if lines:
+        for line in lines:
+            echo(line)
+        dataset = build(fitted)
     sink = _split_sink_class()(storage.path(stage), storage.fs, cfg.storage.rows_for(stage), tuple(spec.private_columns),
                                spec.tokens_column, spec.counters, bool(spec.jsonl and spec.jsonl(cfg)))
     from .console import StageProgress, interactive

@@ -17,6 +17,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -310,6 +311,14 @@ class FakeCloud:
             except psutil.Error:
                 pass
         psutil.wait_procs(ours, timeout=30)
+        # What `ray stop` would also do: forget this cluster as the machine's current one; left
+        # behind, it sent a later `ray.util.state` call (memory_summary) to this dead address.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        try:
+            if current.read_text().strip() == self.address:
+                current.unlink()
+        except OSError:
+            pass
         self.proc = None
         self.log.close()
         if self._token_env is None:

@@ -410,10 +410,14 @@ def test_killed_driver_resumes_without_regenerating_written_rows(cloud, tiny_mod
     assert m["rows_written"] == NUM_Q - len(committed)
 
 
-def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(cloud, tiny_model, tmp_path):
+def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(tiny_model, tmp_path):
     """The responses stage over a user's file whose first and last rows share a query_id: the
     stage numbers its requests itself, so a killed attempt over such a file is continued too
-    (it used to start over), and neither twin is lost or written twice."""
+    (it used to start over), and neither twin is lost or written twice.
+
+    The CLI runs on its own 4-CPU local Ray with 2 one-CPU replicas (the rehearsal's set-up):
+    resuming adds a checkpoint filter actor of 1 CPU per read (2 here), which left no CPU for
+    the read tasks and hung; the rerun now runs 1 replica and says so."""
     n_q = NUM_Q // 2
     rows = [{"query_id": "twin" if i in (0, n_q - 1) else f"u{i:03d}", "query": f"What is {i} plus {i + 3}?"}
             for i in range(n_q)]
@@ -422,11 +426,13 @@ def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(clo
     root = tmp_path / "root"
     cfg = _config(tiny_model, root, **{"stages.responses.input": str(src), "stages.responses.n": 2,
                                        "stages.responses.sampling": {"temperature": 0.7, "top_p": 0.95,
-                                                                     "max_tokens": 32}})
+                                                                     "max_tokens": 32},
+                                       "models.tiny.scale": {"batch_size": 4, "replicas": 2, "cpus_per_replica": 1}})
     cfg["pipeline"] = ["responses"]
+    cfg["ray"] = {"num_cpus": 4}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_ADDRESS": cloud.address}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [f"{VENV_BIN}/scalequest-ray", "run", str(path)]
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -439,9 +445,10 @@ def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(clo
     committed = sum(pq.ParquetFile(f).metadata.num_rows for f in _committed_shards(root, "responses"))
     assert 0 < committed < 2 * n_q
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "taken over from an interrupted attempt" in done.stdout
+    assert "stages.responses: 1 vLLM replica of models.tiny instead of 2: this cluster has 4 CPUs" in done.stdout
     written = sorted(_ids(root, "responses", "response_id"))
     expected = sorted(f"{r['query_id']}#{k}" for r in rows for k in range(2))  # the twins' ids twice each
     assert written == expected

@@ -480,6 +480,37 @@ def test_capacity_check_names_what_no_node_can_hold():
 
 
 @pytest.mark.unit
+def test_fit_pools_leaves_a_cpu_for_tasks_beside_pools_and_checkpoint_filters():
+    """A 4-CPU fixed cluster, 2 one-CPU replicas: a fresh run fits; resuming adds a checkpoint
+    filter actor per read (2 here), so the pool shrinks to 1 replica (it deadlocked at 2)."""
+    from scalequest_ray import capacity
+    from scalequest_ray.config import RunConfig
+    from scalequest_ray.storage import InputError
+
+    cfg = RunConfig.model_validate({
+        "name": "fit", "root": "/tmp/fit",
+        "models": {"solver": {"path": "org/s", "scale": {"replicas": [2, 3], "cpus_per_replica": 1}},
+                   "rm": {"path": "org/rm", "scale": {"replicas": 2, "cpus_per_replica": 2}}},
+        "stages": {"responses": {"model": "solver"}, "reward": {"model": "rm", "engine": "hf"}, "language": {}},
+        "pipeline": ["responses", "reward", "language"]})
+    assert capacity.fit_pools(cfg, "responses", 4) == (cfg, [])
+    fitted, lines = capacity.fit_pools(cfg, "responses", 4, filters=2)
+    assert fitted.models["solver"].scale.replicas == (1, 1) and cfg.models["solver"].scale.replicas == (2, 3)
+    assert lines == ["stages.responses: 1 vLLM replica of models.solver instead of 2: this cluster has 4 CPUs and "
+                     "no autoscaler, and 2 checkpoint filter actors of 1 CPU, 1 for a Ray Data task must fit beside "
+                     "the pools"]
+    assert capacity.fit_pools(cfg, "responses", 6, filters=2)[0].models["solver"].scale.replicas == (2, 3)
+    fitted, _ = capacity.fit_pools(cfg, "reward", 4)  # 2 x 2 CPUs + 1 > 4
+    assert fitted.models["rm"].scale.replicas == (1, 1)
+    with pytest.raises(InputError) as err:
+        capacity.fit_pools(cfg, "reward", 3, filters=1)
+    assert str(err.value) == ("stages.reward: needs 4 CPUs at once (1 checkpoint filter actor of 1 CPU, 2 per "
+                              "scoring actor of models.rm, 1 for a Ray Data task); this cluster has 3 and no "
+                              "autoscaler (set ray.num_cpus, or fewer cpus_per_replica)")
+    assert capacity.fit_pools(cfg, "language", 1) == (cfg, [])
+
+
+@pytest.mark.unit
 def test_console_drops_known_ray_noise_and_keeps_everything_else():
     """The console filter works on the file descriptors (Ray's C++ logs are not Python's): run in
     a child process whose C-level writes include Ray's known spurious ERROR line."""
