@@ -56,21 +56,33 @@ RESPONSE_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "max_tokens": 4}
 
 class PeakRSS:
     """This (driver) process's resident memory, sampled every 50 ms; `take()` returns the peak
-    since the last take."""
+    since the last take, and leaves in `own` the peak of its private part (RssAnon: its heap,
+    not the object store's shared pages it has touched, which RSS counts too)."""
 
     def __init__(self):
         import psutil
 
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.proc, self.peak, self.peak_own, self.own = psutil.Process(), 0, 0, 0
+        self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
+
+    @staticmethod
+    def anon() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
 
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.peak_own = max(self.peak_own, self.anon())
             time.sleep(0.05)
 
     def take(self) -> int:
         peak, self.peak = self.peak, self.proc.memory_info().rss
+        self.own, self.peak_own = self.peak_own, self.anon()
         return peak
 
     def stop(self):
@@ -148,42 +160,44 @@ def run_chain(label: str, base: Path, models: dict, questions: int, candidates: 
     candidates / 5 of the dedup'd questions. Returns the driver's peak RSS over the chain."""
     root = base / label
     shutil.rmtree(root, ignore_errors=True)
-    peaks = []
+    peaks, owns = [], []
     per_file = rows_per_file(candidates)
     cfg = RunConfig.model_validate(config(root / "run", models, questions, None, ["questions", "language", "dedup"],
                                           per_file, replicas))
-    results = per_stage(label, cfg, rss, peaks)
+    results = per_stage(label, cfg, rss, peaks, owns)
     inputs = root / "inputs" / "questions.parquet"
     got = first_rows(root / "run" / "dedup" / "data", candidates // N_CANDIDATES, inputs)
     cfg = RunConfig.model_validate(config(root / "run", models, questions, str(inputs),
                                           ["responses", "reward", "selection"], per_file, replicas))
-    results += per_stage(label, cfg, rss, peaks)
+    results += per_stage(label, cfg, rss, peaks, owns)
     print(f"{label}: {got} questions x {N_CANDIDATES} candidates", flush=True)
-    return {"peak": max(peaks), "root": root, "inputs": inputs, "results": results}
+    return {"peak": max(peaks), "own": max(owns), "root": root, "inputs": inputs, "results": results}
 
 
-def per_stage(label: str, cfg: RunConfig, rss: PeakRSS, peaks: list) -> list:
+def per_stage(label: str, cfg: RunConfig, rss: PeakRSS, peaks: list, owns: list) -> list:
     """The config's stages one at a time, so that each gets its own driver peak."""
     rss.take()
     out = []
     for stage in cfg.pipeline:
-        out += report(label, pipeline.run(cfg, stages=[stage], echo=lambda _: None), rss, peaks)
+        out += report(label, pipeline.run(cfg, stages=[stage], echo=lambda _: None), rss, peaks, owns)
     return out
 
 
-def report(label: str, results: list, rss: PeakRSS, peaks: list) -> list:
+def report(label: str, results: list, rss: PeakRSS, peaks: list, owns: list) -> list:
     out = []
     for r in results:
         m = r.manifest
         rows = m["rows"] + m["excluded_rows"]
         peak = rss.take()
         peaks.append(peak)
+        owns.append(rss.own)
         line = {"size": label, "stage": r.stage, "rows": rows, "seconds": m["seconds"],
                 "rows_per_s": round(rows / max(m["seconds"], 1e-9), 1), "driver_peak_mib": round(peak / 2**20, 1),
+                "driver_own_mib": round(rss.own / 2**20, 1),
                 "spilled_mib": round(spilled_bytes() / 2**20, 1),
                 "files": len(m["files"]) + len(m["exclusion_files"])}
         print(f"{label:>5} {r.stage:<11} rows {rows:>9}  {m['seconds']:8.1f} s  {line['rows_per_s']:>8} rows/s  "
-              f"driver peak {line['driver_peak_mib']:7.1f} MiB  spilled {line['spilled_mib']:8.1f} MiB  "
+              f"driver peak {line['driver_peak_mib']:7.1f} MiB (own {line['driver_own_mib']:7.1f})  spilled {line['spilled_mib']:8.1f} MiB  "
               f"files {line['files']}", flush=True)
         out.append(line)
     return out
@@ -346,7 +360,8 @@ def main():
     ray.shutdown()
     growth = 100 * (big["peak"] - small["peak"]) / small["peak"]
     print(f"driver peak: {small['peak'] / 2**20:.0f} MiB at {small_label}, {big['peak'] / 2**20:.0f} MiB at {big_label} "
-          f"(whole rehearsal {time.time() - t0:.0f} s)")
+          f"(whole rehearsal {time.time() - t0:.0f} s); its own part (RssAnon) {small['own'] / 2**20:.0f} MiB -> "
+          f"{big['own'] / 2**20:.0f} MiB ({100 * (big['own'] - small['own']) / small['own']:+.1f}%)")
     print(f"driver_peak_growth_pct={growth:.1f} overhead_ratio={ours / bare:.2f} "
           f"regenerated_after_resume={kill['regenerated']}")
 
