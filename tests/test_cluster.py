@@ -32,6 +32,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -439,8 +440,16 @@ def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(tin
     try:
         _wait(lambda: len(_committed_shards(root, "responses")) >= 2, 300, "committed shards", poll=0.05)
     finally:
+        # The driver's own local Ray is its process tree; vLLM's EngineCore processes sit in their
+        # own process groups and outlive a killed replica (seen left spinning after a CI run).
+        tree = psutil.Process(driver.pid).children(recursive=True)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+        for proc in tree:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
     assert not (root / "responses" / "_manifest.json").exists(), "the stage finished before the kill"
     committed = sum(pq.ParquetFile(f).metadata.num_rows for f in _committed_shards(root, "responses"))
     assert 0 < committed < 2 * n_q
