@@ -90,8 +90,7 @@ def fit_pools(cfg: RunConfig, stage: str, cluster_cpus: float, filters: int = 0)
     (one line) when even one unit per pool leaves no CPU for a task."""
     pools = [(what, name, sum(b.get("CPU", 0) for b in bundles)) for what, name, bundles in stage_pools(cfg, stage)]
     fixed = 1 + filters  # one task at a time keeps data moving
-    lows = {name: cfg.models[name].scale.replicas[0] for _, name, _ in pools}
-    need = fixed + sum(lows[name] * cpus for _, name, cpus in pools)
+    need = fixed + sum(cfg.models[name].scale.replicas[0] * cpus for _, name, cpus in pools)
     if need <= cluster_cpus:
         return cfg, []
     minimum = fixed + sum(cpus for _, _, cpus in pools)
@@ -189,7 +188,9 @@ def has_autoscaler(wait_s: float = 15.0) -> bool:
 def fit_to_cluster(cfg: RunConfig, stage: str, filters: int) -> tuple[RunConfig, list[str]]:
     """fit_pools on this cluster's CPUs; unchanged under an autoscaler, which adds a
     node for the tasks that wait."""
-    cpus = sum(n.get("CPU", 0) for n in alive_nodes())
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
     try:
         fitted, lines = fit_pools(cfg, stage, cpus, filters)
     except InputError:
