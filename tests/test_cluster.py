@@ -189,6 +189,13 @@ def _training_worker_node(address: str) -> str:
     return nodes[0]
 
 
+def _name(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()).strip()[:120] or proc.name()
+    except psutil.Error:
+        return ""
+
+
 def _run_in_thread(cfg) -> tuple[threading.Thread, dict]:
     box: dict = {}
 
@@ -418,8 +425,10 @@ def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(tin
 
     The CLI runs on its own 4-CPU local Ray with 2 one-CPU replicas (the rehearsal's set-up):
     resuming adds a checkpoint filter actor of 1 CPU per read (2 here), which left no CPU for
-    the read tasks and hung; the rerun now runs 1 replica and says so."""
-    n_q = NUM_Q // 2
+    the read tasks and hung; the rerun now runs 1 replica and says so. Only the driver is
+    killed, and every process of its local Ray must end with it, the replicas' vLLM EngineCores
+    included (scalequest_ray/lifeline.py)."""
+    n_q = 2 * NUM_Q  # 256 candidates: the replicas generate for a while, and the kill lands while they do
     rows = [{"query_id": "twin" if i in (0, n_q - 1) else f"u{i:03d}", "query": f"What is {i} plus {i + 3}?"}
             for i in range(n_q)]
     src = tmp_path / "questions.jsonl"
@@ -437,22 +446,42 @@ def test_killed_driver_resumes_responses_over_a_user_file_with_a_repeated_id(tin
     cmd = [f"{VENV_BIN}/scalequest-ray", "run", str(path)]
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
+    left, tree = [], []
+
+    def engines_at_work() -> bool:
+        """Shards committed while a replica's EngineCore runs (they end with the stage's rows)."""
+        nonlocal tree
+        if len(_committed_shards(root, "responses")) < 2:
+            return False
+        try:
+            tree = psutil.Process(driver.pid).children(recursive=True)
+            return any("EngineCore" in " ".join(p.cmdline()) for p in tree if p.status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:  # a process ended while we looked: look again
+            return False
+
     try:
-        _wait(lambda: len(_committed_shards(root, "responses")) >= 2, 300, "committed shards", poll=0.05)
+        _wait(engines_at_work, 300, "committed shards while the engines run", poll=0.05)
     finally:
-        # The driver's own local Ray is its process tree; vLLM's EngineCore processes sit in their
-        # own process groups and outlive a killed replica (seen left spinning after a CI run).
+        # The driver's own local Ray is its process tree. Only the driver is killed, as the OOM
+        # killer or a `kill -9` would: the rest must end with it. vLLM's EngineCores (children of
+        # the replicas' workers) used to live on, spinning, until the lifeline plugin.
         try:
             tree = psutil.Process(driver.pid).children(recursive=True)
         except psutil.Error:  # the driver already ended: its local Ray went with it
-            tree = []
-        os.killpg(driver.pid, signal.SIGKILL)
+            pass
+        driver.kill()
         driver.wait()
-        for proc in tree:
+        # Ray's dashboard and runtime-env agents try to report the raylet's end to the GCS, which
+        # died with it, and give up after about a minute: they are not waited for (nor spinning).
+        agents = [p for p in tree if _name(p) in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")]
+        _, alive = psutil.wait_procs([p for p in tree if p not in agents], timeout=30)
+        left = [_name(p) for p in alive]
+        for proc in alive + agents:
             try:
                 proc.kill()
             except psutil.Error:
                 pass
+    assert not left, f"processes outlived the killed driver: {left}"
     assert not (root / "responses" / "_manifest.json").exists(), "the stage finished before the kill"
     committed = sum(pq.ParquetFile(f).metadata.num_rows for f in _committed_shards(root, "responses"))
     assert 0 < committed < 2 * n_q

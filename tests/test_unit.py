@@ -540,3 +540,55 @@ def test_stage_progress_line():
     line = p.line()
     assert line.startswith("[responses] 250/1,000 rows, 5.0 rows/s, 100.0 tok/s, ETA 2m30s")
     assert StageProgress("language", lambda: (10, 0), expected=None).line().startswith("[language] 10 rows, ")
+
+
+# --- lifeline (vLLM plugin) -------------------------------------------------------------------
+
+_LIFELINE_PARENT = """
+import multiprocessing, sys, time
+
+def child(with_lifeline, ready):
+    if with_lifeline:
+        from scalequest_ray.lifeline import install
+        install()
+    ready.send(True)
+    while True:  # a busy loop, as an orphaned EngineCore's was
+        pass
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")  # what vLLM uses inside Ray actors
+    ready, tell = ctx.Pipe(duplex=False)  # (a Pipe, not an Event: no semaphore left behind)
+    p = ctx.Process(target=child, args=(sys.argv[1] == "1", tell), daemon=True)
+    p.start()
+    ready.recv()
+    print(p.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("with_lifeline", [True, False])
+def test_lifeline_ends_a_spawned_child_when_its_parent_is_killed(tmp_path, with_lifeline):
+    """A vLLM-spawned process (EngineCore) with the plugin ends within seconds of its parent's
+    SIGKILL; without it the child lives on (what the plugin is for: the test can fail)."""
+    import os
+    import signal
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(_LIFELINE_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), "1" if with_lifeline else "0"], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        try:
+            child.wait(timeout=10 if with_lifeline else 3)
+            ended = True
+        except psutil.TimeoutExpired:
+            ended = False
+        assert ended == with_lifeline
+    finally:
+        if child.is_running():
+            child.kill()
