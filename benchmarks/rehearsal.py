@@ -257,7 +257,13 @@ def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas
     shutil.rmtree(root, ignore_errors=True)
     path = base / "kill.yaml"
     per_file = rows_per_file(total)
-    path.write_text(json.dumps(config(root, models, 1, str(inputs), ["responses"], per_file, replicas)))
+    cfg = config(root, models, 1, str(inputs), ["responses"], per_file, replicas)
+    # The CLI's own local Ray: on 2 cores it would get 4 logical CPUs, and the rerun's two
+    # checkpoint filter actors (1 CPU each) would leave room for one replica only (it runs, and
+    # says so: tests/test_cluster.py checks that set-up). Two more CPUs keep both replicas, so
+    # the rerun's rows/s compares with the first attempt's.
+    cfg["ray"] = {"num_cpus": 2 * replicas + 2}
+    path.write_text(json.dumps(cfg))
     cmd = [str(Path(sys.executable).parent / "scalequest-ray"), "run", str(path)]
     ckpt = root / "_checkpoints" / "responses"
 
