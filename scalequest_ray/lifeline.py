@@ -39,7 +39,9 @@ def install() -> None:
 
 
 def _watch(parent) -> None:
-    parent.join()  # returns when the parent's end of the spawn pipe closes: the parent exited
+    # Returns when the parent's end of the spawn pipe closes: the parent exited, or dropped its
+    # Process object (vLLM holds its engine processes until it shuts them down itself).
+    parent.join()
     os.kill(os.getpid(), signal.SIGTERM)
     threading.Event().wait(GRACE_S)
     os.kill(os.getpid(), signal.SIGKILL)  # still here: stuck where SIGTERM's handler never ran
