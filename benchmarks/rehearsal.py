@@ -11,7 +11,15 @@ Per stage: rows, wall seconds, rows/s, the driver's peak RSS, object-store bytes
 written. The tiny model writes random text, so the language filter here keeps any language and
 any form (the filters' quality is tested elsewhere; here they carry the rows).
 
-    python benchmarks/rehearsal.py --questions 1000000 --candidates 1000000 [--root /tmp/sq-rehearsal]
+    python benchmarks/rehearsal.py --questions 1000000 --candidates 1000000 [--root /tmp/sq-rehearsal] [--resume]
+
+On 2 cores the whole of it takes longer than a machine may stay up (about 6 h at 1M on a 2-core
+AMD EPYC). `--resume` continues an interrupted rehearsal with the product's own resume: stages
+finished earlier are skipped and reported with the figures measured when they ran (kept in
+<root>/figures.jsonl), the interrupted stage takes over its committed rows and generates the
+rest, and the rows it generated again are counted as in the kill step. Driver peaks are then
+per attempt: a big-size peak measured in a later driver did not carry the earlier stages'
+memory, which the line before the result line says.
 
 Last line: driver_peak_growth_pct=<from 100K to 1M> overhead_ratio=<ours/bare rows/s at 100K>
 regenerated_after_resume=<rows generated again after the kill>
@@ -154,53 +162,118 @@ def first_rows(folder: Path, n: int, out: Path) -> int:
     return have
 
 
+class Figures:
+    """What each step measured, one JSON line each in <root>/figures.jsonl, so that a resumed
+    rehearsal reports the steps an earlier attempt finished with the figures measured then."""
+
+    def __init__(self, base: Path, resume: bool):
+        self.path = base / "figures.jsonl"
+        if not resume:
+            self.path.unlink(missing_ok=True)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.known = {(f["size"], f["stage"]): f for f in map(json.loads, lines)}
+
+    def get(self, size: str, stage: str) -> dict | None:
+        return self.known.get((size, stage))
+
+    def add(self, line: dict) -> dict:
+        self.known[(line["size"], line["stage"])] = line
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        return line
+
+
+# The id each stage's rows are known by, to count rows a resumed stage generated again.
+ROW_ID = {"questions": "query_id", "language": "query_id", "dedup": "query_id", "responses": "response_id",
+          "reward": "response_id", "selection": "response_id"}
+
+
+def stage_files(stage_dir: Path) -> dict:
+    return {f"{sub}/{f.name}": f for sub in ("data", "exclusions") for f in (stage_dir / sub).glob("*.parquet")}
+
+
+def generated_twice(before: set, after: dict, column: str) -> int:
+    """Rows that files written by this attempt hold and files an earlier attempt left hold too.
+    Files of writes whose commit never happened are deleted by the rerun (their rows were never
+    committed, so making them again is the resume working), so the files compared are the ones
+    still there afterwards."""
+    import pyarrow.parquet as pq
+
+    def ids(paths) -> list:
+        return [i for f in paths for i in pq.read_table(f, columns=[column])[column].to_pylist()]
+
+    kept = set(ids(after[k] for k in before & set(after)))
+    return sum(1 for i in ids(after[k] for k in set(after) - before) if i in kept)
+
+
 def run_chain(label: str, base: Path, models: dict, questions: int, candidates: int, rss: PeakRSS,
-              replicas: int) -> dict:
+              replicas: int, figures: Figures, resume: bool) -> dict:
     """questions -> language -> dedup at `questions` rows, then responses -> reward -> selection on
     candidates / 5 of the dedup'd questions. Returns the driver's peak RSS over the chain."""
     root = base / label
-    shutil.rmtree(root, ignore_errors=True)
-    peaks, owns = [], []
+    if not resume:
+        shutil.rmtree(root, ignore_errors=True)
     per_file = rows_per_file(candidates)
     cfg = RunConfig.model_validate(config(root / "run", models, questions, None, ["questions", "language", "dedup"],
                                           per_file, replicas))
-    results = per_stage(label, cfg, rss, peaks, owns)
+    results = per_stage(label, cfg, rss, figures)
     inputs = root / "inputs" / "questions.parquet"
+    # (the same rows again on a resume: the responses stage's config names this file)
     got = first_rows(root / "run" / "dedup" / "data", candidates // N_CANDIDATES, inputs)
     cfg = RunConfig.model_validate(config(root / "run", models, questions, str(inputs),
                                           ["responses", "reward", "selection"], per_file, replicas))
-    results += per_stage(label, cfg, rss, peaks, owns)
+    results += per_stage(label, cfg, rss, figures)
     print(f"{label}: {got} questions x {N_CANDIDATES} candidates", flush=True)
-    return {"peak": max(peaks), "own": max(owns), "root": root, "inputs": inputs, "results": results}
+    measured = [r for r in results if r["driver_peak_mib"] is not None]
+    return {"peak": max((r["driver_peak_mib"] for r in measured), default=0.0),
+            "own": max((r["driver_own_mib"] for r in measured), default=0.0),
+            "drivers": len({r["driver_pid"] for r in measured}), "root": root, "inputs": inputs, "results": results}
 
 
-def per_stage(label: str, cfg: RunConfig, rss: PeakRSS, peaks: list, owns: list) -> list:
+def per_stage(label: str, cfg: RunConfig, rss: PeakRSS, figures: Figures) -> list:
     """The config's stages one at a time, so that each gets its own driver peak."""
     rss.take()
     out = []
     for stage in cfg.pipeline:
-        out += report(label, pipeline.run(cfg, stages=[stage], echo=lambda _: None), rss, peaks, owns)
+        before = stage_files(Path(cfg.root) / stage)
+        for r in pipeline.run(cfg, stages=[stage], echo=lambda _: None):
+            out.append(report(label, r, rss, figures, before, Path(cfg.root) / stage))
     return out
 
 
-def report(label: str, results: list, rss: PeakRSS, peaks: list, owns: list) -> list:
-    out = []
-    for r in results:
-        m = r.manifest
-        rows = m["rows"] + m["excluded_rows"]
-        peak = rss.take()
-        peaks.append(peak)
-        owns.append(rss.own)
-        line = {"size": label, "stage": r.stage, "rows": rows, "seconds": m["seconds"],
-                "rows_per_s": round(rows / max(m["seconds"], 1e-9), 1), "driver_peak_mib": round(peak / 2**20, 1),
-                "driver_own_mib": round(rss.own / 2**20, 1),
-                "spilled_mib": round(spilled_bytes() / 2**20, 1),
-                "files": len(m["files"]) + len(m["exclusion_files"])}
-        print(f"{label:>5} {r.stage:<11} rows {rows:>9}  {m['seconds']:8.1f} s  {line['rows_per_s']:>8} rows/s  "
-              f"driver peak {line['driver_peak_mib']:7.1f} MiB (own {line['driver_own_mib']:7.1f})  spilled {line['spilled_mib']:8.1f} MiB  "
-              f"files {line['files']}", flush=True)
-        out.append(line)
-    return out
+def report(label: str, r, rss: PeakRSS, figures: Figures, before: dict, stage_dir: Path) -> dict:
+    m = r.manifest
+    rows = m["rows"] + m["excluded_rows"]
+    peak = rss.take()
+    if r.skipped:
+        line = figures.get(label, r.stage) or figures.add({
+            # finished by an attempt that kept no figures: the manifest's, without the driver's
+            "size": label, "stage": r.stage, "rows": rows, "seconds": m["seconds"],
+            "rows_per_s": round(rows / max(m["seconds"], 1e-9), 1), "driver_peak_mib": None, "driver_own_mib": None,
+            "driver_pid": None, "spilled_mib": None, "files": len(m["files"]) + len(m["exclusion_files"])})
+        when = "an earlier attempt"
+    else:
+        made = m.get("rows_written", rows) if m.get("resumed_rows") else rows
+        line = figures.add({
+            "size": label, "stage": r.stage, "rows": rows, "seconds": m["seconds"],
+            "rows_per_s": round(made / max(m["seconds"], 1e-9), 1), "driver_peak_mib": round(peak / 2**20, 1),
+            "driver_own_mib": round(rss.own / 2**20, 1), "driver_pid": os.getpid(),
+            "spilled_mib": round(spilled_bytes() / 2**20, 1), "files": len(m["files"]) + len(m["exclusion_files"]),
+            "resumed_rows": m.get("resumed_rows", 0),
+            "generated_twice": generated_twice(set(before), stage_files(stage_dir), ROW_ID[r.stage])
+            if m.get("resumed_rows") else 0})
+        when = ""
+    peak_s = "n/a" if line["driver_peak_mib"] is None else f"{line['driver_peak_mib']:7.1f} MiB (own {line['driver_own_mib']:7.1f})"
+    text = (f"{label:>5} {r.stage:<11} rows {rows:>9}  {line['seconds']:8.1f} s  {line['rows_per_s']:>8} rows/s  "
+            f"driver peak {peak_s}  spilled {line['spilled_mib'] if line['spilled_mib'] is not None else 'n/a':>8} MiB  "
+            f"files {line['files']}")
+    if line.get("resumed_rows"):
+        text += (f"  (resumed: {line['resumed_rows']} rows taken over, rows/s of the {rows - line['resumed_rows']} "
+                 f"made now, {line['generated_twice']} generated twice)")
+    if when:
+        text += f"  [{when}]"
+    print(text, flush=True)
+    return line
 
 
 def bare_processor(tiny: Path, inputs: Path, out: Path, run_seed: int, replicas: int) -> float:
@@ -279,7 +352,7 @@ def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas
         return rows
 
     def files() -> dict:
-        return {f"{sub}/{f.name}": f for sub in ("data", "exclusions") for f in (root / "responses" / sub).glob("*.parquet")}
+        return stage_files(root / "responses")
 
     def ids(paths) -> list:
         return [i for f in paths for i in pq.read_table(f, columns=["response_id"])["response_id"].to_pylist()]
@@ -304,9 +377,7 @@ def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas
     rerun_s = time.time() - t1
     m = json.loads((root / "responses" / "_manifest.json").read_text())
     after = files()
-    kept = set(ids(after[k] for k in before & set(after)))
-    again = ids(after[k] for k in set(after) - before)
-    regenerated = sum(1 for i in again if i in kept)
+    regenerated = generated_twice(before, after, "response_id")
     every = ids(after.values())
     once = len(every) == len(set(every)) == m["rows"] + m["excluded_rows"]
     print(f"kill: after {killed_after:.0f} s, {committed} candidates committed; rerun {rerun_s:.0f} s: "
@@ -333,9 +404,12 @@ def main():
     ap.add_argument("--kill-at", choices=("small", "big"), default="big",
                     help="the size of the responses stage that is killed and resumed")
     ap.add_argument("--root", default="/tmp/sq-rehearsal")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted rehearsal under --root with the same sizes (see above)")
     args = ap.parse_args()
     base = Path(args.root)
     base.mkdir(parents=True, exist_ok=True)
+    figures = Figures(base, args.resume)
     solver = build_tiny_model(cache_dir() / "models" / "tiny-llama-test", tokenizer_from=demo_model_dir())
     models = {"writer": build_tiny_model(cache_dir() / "models" / "tiny-llama-rehearsal", tokenizer_from=demo_model_dir(),
                                          eos_weight=EOS_WEIGHT),
@@ -348,29 +422,43 @@ def main():
     small_label = size_label(args.small)
     big_label = size_label(args.candidates) if args.questions == args.candidates else \
         f"{size_label(args.questions)}q-{size_label(args.candidates)}c"
-    small = run_chain(small_label, base, models, args.small, args.small, rss, args.replicas)
+    small = run_chain(small_label, base, models, args.small, args.small, rss, args.replicas, figures, args.resume)
     # Same requests, side by side: our responses stage (from the small chain) and a bare processor.
     ours = next(r for r in small["results"] if r["stage"] == "responses")["rows_per_s"]
-    bare = bare_processor(solver, small["inputs"], base / "bare", run_seed=3, replicas=args.replicas)
-    print(f"{small_label} candidates: our responses stage {ours:.0f} rows/s, bare ray.data.llm {bare:.0f} rows/s",
-          flush=True)
-    big = run_chain(big_label, base, models, args.questions, args.candidates, rss, args.replicas)
+    bare = (figures.get(small_label, "bare") or figures.add({
+        "size": small_label, "stage": "bare",
+        "rows_per_s": bare_processor(solver, small["inputs"], base / "bare", run_seed=3, replicas=args.replicas)}))
+    print(f"{small_label} candidates: our responses stage {ours:.0f} rows/s, bare ray.data.llm "
+          f"{bare['rows_per_s']:.0f} rows/s", flush=True)
+    big = run_chain(big_label, base, models, args.questions, args.candidates, rss, args.replicas, figures, args.resume)
     killed = big if args.kill_at == "big" else small
-    try:
-        kill = kill_and_resume(base, models, killed["inputs"], args.candidates if args.kill_at == "big" else args.small,
-                               args.replicas)
-    except RuntimeError as e:  # still print the figures measured; the result line says what is missing
-        print(f"kill: {e}", flush=True)
-        kill = {"regenerated": "not_measured"}
+    kill = figures.get(args.kill_at, "kill")
+    if kill is None:
+        try:
+            kill = figures.add({"size": args.kill_at, "stage": "kill", **kill_and_resume(
+                base, models, killed["inputs"], args.candidates if args.kill_at == "big" else args.small, args.replicas)})
+        except RuntimeError as e:  # still print the figures measured; the result line says what is missing
+            print(f"kill: {e}", flush=True)
+            kill = {"regenerated": "not_measured"}
+    else:
+        print(f"kill: {kill['committed']} candidates committed when killed, {kill['regenerated']} generated twice, "
+              f"every id once: {kill['every_id_once']}  [an earlier attempt]", flush=True)
     rss.stop()
     ray.shutdown()
+    resumed = [r for r in small["results"] + big["results"] if r.get("resumed_rows")]
+    for r in resumed:
+        print(f"resumed after an interruption: {r['size']} {r['stage']}, {r['resumed_rows']} rows taken over, "
+              f"{r['generated_twice']} generated twice")
+    drivers = f"; the {big_label} peaks come from {big['drivers']} driver processes" if big["drivers"] > 1 else ""
+    if not small["peak"] or not big["peak"]:
+        raise SystemExit(f"driver peaks missing ({small_label} {small['peak']}, {big_label} {big['peak']}): "
+                         f"their stages finished in an attempt that kept no figures ({figures.path})")
     growth = 100 * (big["peak"] - small["peak"]) / small["peak"]
-    print(f"driver peak: {small['peak'] / 2**20:.0f} MiB at {small_label}, {big['peak'] / 2**20:.0f} MiB at {big_label} "
-          f"(whole rehearsal {time.time() - t0:.0f} s); its own part (RssAnon) {small['own'] / 2**20:.0f} MiB -> "
-          f"{big['own'] / 2**20:.0f} MiB ({100 * (big['own'] - small['own']) / small['own']:+.1f}%)")
-    print(f"driver_peak_growth_pct={growth:.1f} overhead_ratio={ours / bare:.2f} "
+    print(f"driver peak: {small['peak']:.0f} MiB at {small_label}, {big['peak']:.0f} MiB at {big_label} "
+          f"(this attempt {time.time() - t0:.0f} s{drivers}); its own part (RssAnon) {small['own']:.0f} MiB -> "
+          f"{big['own']:.0f} MiB ({100 * (big['own'] - small['own']) / small['own']:+.1f}%)")
+    print(f"driver_peak_growth_pct={growth:.1f} overhead_ratio={ours / bare['rows_per_s']:.2f} "
           f"regenerated_after_resume={kill['regenerated']}")
-
 
 if __name__ == "__main__":
     main()
