@@ -25,7 +25,8 @@ def configure_data_context() -> None:
       Ray Data's checkpoint filter and our reads were tested with.
     - the hash shuffle (groupby, join) starts its aggregator actors for every execution: 9-14 s
       per groupby. The pull-based sort shuffle is plain tasks: about 1 s, no CPUs held by actors
-      (which is also what lets a shuffle run on 1-CPU nodes), and it scales to our sizes."""
+      (which is also what lets a shuffle run on 1-CPU nodes), and it scales to our sizes once its
+      input is coalesced to the partition count (shuffle.groupby says why)."""
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 from ..columns import REASON, set_columns, with_ids
 from ..config import RunConfig
 from ..filters import MinHasher, ngram_hashes, normalize_text, stable_hash
+from .. import shuffle
 from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
@@ -96,14 +97,14 @@ def _no_dup(table: pa.Table) -> pa.Table:
     return set_columns(table, {_DUP_OF: pa.nulls(table.num_rows, pa.string())})
 
 
-def _shared_keys(ds, column: str) -> list:
+def _shared_keys(ds, column: str, partitions: int) -> list:
     """Object-store refs of the values of `column` that occur in more than one row. Only those
     rows go through the per-group step: a group is one Python call, and most rows (unique
     questions, unique LSH buckets) are alone in theirs. The counting is Ray Data's vectorised
     aggregation."""
     from ray.data.expressions import col
 
-    shared = ds.groupby(column).count().filter(expr=col("count()") >= 2).select_columns([column]).materialize()
+    shared = shuffle.groupby(ds, column, partitions).count().filter(expr=col("count()") >= 2).select_columns([column]).materialize()
     return shared.to_arrow_refs() if shared.count() else []
 
 
@@ -185,17 +186,18 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
 
     dcfg = cfg.stages.dedup
     source = read_input(given.uri, cfg.storage.endpoint_url, required_column="query")
-    partitions = dcfg.num_partitions or max(2, int(ray.cluster_resources().get("CPU", 2)))
+    partitions = shuffle.partitions(dcfg.num_partitions)
     benchmarks = benchmark_ngrams(cfg)
     ref = ray.put(benchmarks) if benchmarks else None
     keyed = source.map_batches(
         _keys, batch_format="pyarrow",
         fn_kwargs=dict(benchmarks_ref=ref, num_perm=dcfg.num_perm, threshold=dcfg.threshold,
                        shingle_words=dcfg.shingle_words, ngram=dcfg.ngram, near=dcfg.near)).materialize()
-    shared = _shared_keys(keyed, _EXACT) if dcfg.exact else []
+    shared = _shared_keys(keyed, _EXACT, partitions) if dcfg.exact else []
     if shared:
-        rows = keyed.map_batches(_with_key, batch_format="pyarrow", fn_kwargs=dict(column=_EXACT, refs=shared, shared=True)) \
-            .groupby(_EXACT, num_partitions=partitions).map_groups(_mark_exact, batch_format="pyarrow") \
+        rows = shuffle.groupby(keyed.map_batches(_with_key, batch_format="pyarrow",
+                                                 fn_kwargs=dict(column=_EXACT, refs=shared, shared=True)),
+                               _EXACT, partitions).map_groups(_mark_exact, batch_format="pyarrow") \
             .union(keyed.map_batches(_with_key, batch_format="pyarrow",
                                      fn_kwargs=dict(column=_EXACT, refs=shared, shared=False))
                    .map_batches(_no_dup, batch_format="pyarrow"))
@@ -207,11 +209,12 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     # (which spills to disk), never on the driver.
     rows = rows.materialize()
     keys = rows.map_batches(_explode, batch_format="pyarrow").materialize()
-    buckets = _shared_keys(keys, "key")
+    buckets = _shared_keys(keys, "key", partitions)
     if not buckets:
         return rows.map_batches(_finalize, batch_format="pyarrow")
-    near = (keys.map_batches(_with_key, batch_format="pyarrow", fn_kwargs=dict(column="key", refs=buckets, shared=True))
-            .groupby("key", num_partitions=partitions).map_groups(_bucket_dups, batch_format="pyarrow")
+    in_buckets = keys.map_batches(_with_key, batch_format="pyarrow", fn_kwargs=dict(column="key", refs=buckets, shared=True))
+    # (the second grouping's input is the first's output: already `partitions` blocks)
+    near = (shuffle.groupby(in_buckets, "key", partitions).map_groups(_bucket_dups, batch_format="pyarrow")
             .groupby("query_id", num_partitions=partitions).map_groups(_first, batch_format="pyarrow")
             .materialize())  # one row per near-duplicate: small
     found = near.count()

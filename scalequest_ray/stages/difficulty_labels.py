@@ -14,6 +14,7 @@ from ..config import RunConfig
 from ..engine import build_llm, chat_sampling, keep_all
 from ..filters import answers_equal, gold_answer
 from ..columns import REASON, TOKENS
+from .. import shuffle
 from ..stage import Stage, StageInput
 from ..storage import Storage
 from . import responses
@@ -80,8 +81,6 @@ def _label(group: pd.DataFrame) -> pa.Table:
 
 
 def build(cfg: RunConfig, storage: Storage, given: StageInput):
-    import ray
-
     from .seed_problems import _source_dataset
 
     lcfg = cfg.stages.difficulty_labels
@@ -101,8 +100,7 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     graded = processor(requests).map_batches(
         _grade, batch_format="pandas",
         fn_kwargs=dict(sampling=sampling, stop_ids=stops, max_model_len=model.engine.max_model_len))
-    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
-    labels = graded.groupby("query_id", num_partitions=partitions).map_groups(_label, batch_format="pandas")
+    labels = shuffle.groupby(graded, "query_id", shuffle.partitions()).map_groups(_label, batch_format="pandas")
     return labels.union(problems.map_batches(_excluded, batch_format="pandas"))
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from ..config import RunConfig, SeedSource
 from ..columns import REASON, TOKENS
+from .. import shuffle
 from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
@@ -126,10 +127,7 @@ def build(cfg: RunConfig, storage: Storage, given: StageInput):
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # query_id is the hash of the normalised text: grouping by it finds exact duplicates across
     # sources without collecting anything on the driver.
-    import ray
-
-    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))  # the default 200 is for big clusters
-    return ds.groupby("query_id", num_partitions=partitions).map_groups(_mark_duplicates, batch_format="pandas").map_batches(
+    return shuffle.groupby(ds, "query_id", shuffle.partitions()).map_groups(_mark_duplicates, batch_format="pandas").map_batches(
         lambda t: pa.Table.from_pandas(t, schema=SCHEMA, preserve_index=False), batch_format="pandas")
 
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 from ..columns import REASON
 from ..config import RunConfig
 from ..filters import majority
+from .. import shuffle
 from ..stage import Stage, StageInput
 from ..storage import Storage, read_input
 
@@ -69,14 +70,11 @@ def select(group: pd.DataFrame, require_majority: bool, min_reward, min_agreemen
 
 
 def build(cfg: RunConfig, storage: Storage, given: StageInput):
-    import ray
-
     scfg = cfg.stages.selection
     source = read_input(given.uri, cfg.storage.endpoint_url, required_column=["query_id", "query", "response", "reward"])
     if "answer" not in source.schema().names:
         source = source.add_column("answer", lambda df: pd.Series([None] * len(df), dtype=object))
-    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
-    return source.groupby("query_id", num_partitions=partitions).map_groups(
+    return shuffle.groupby(source, "query_id", shuffle.partitions()).map_groups(
         select, batch_format="pandas",
         fn_kwargs=dict(require_majority=scfg.require_majority, min_reward=scfg.min_reward,
                        min_agreement=scfg.min_agreement))
