@@ -8,7 +8,12 @@ the partition count first (a repartition without shuffle: O(n) pieces) makes it 
 and gives `num_partitions` its meaning back. Dedup alone over the rehearsal's 453,302 questions,
 in a fresh driver, 2 cores, same verdicts: the driver's peak went from 863 to 259 MiB (its
 private part from 755 to 153), and the wall time from 485 to 360 s
-(benchmarks/dedup_driver_memory.py). A driver keeps such memory for the rest of its run."""
+(benchmarks/dedup_driver_memory.py). A driver keeps such memory for the rest of its run.
+
+Limit: the count is the cluster's CPUs when the stage is planned (or dedup.num_partitions), not
+the data's size. Few CPUs and many GB of grouped rows (long responses on an autoscaling cluster
+still at its head) make blocks of GBs; a count that also follows the input's bytes is still to
+be written."""
 
 from __future__ import annotations
 
