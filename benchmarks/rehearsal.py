@@ -192,18 +192,19 @@ def stage_files(stage_dir: Path) -> dict:
     return {f"{sub}/{f.name}": f for sub in ("data", "exclusions") for f in (stage_dir / sub).glob("*.parquet")}
 
 
+def read_ids(paths, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    return [i for f in paths for i in pq.read_table(f, columns=[column])[column].to_pylist()]
+
+
 def generated_twice(before: set, after: dict, column: str) -> int:
     """Rows that files written by this attempt hold and files an earlier attempt left hold too.
     Files of writes whose commit never happened are deleted by the rerun (their rows were never
     committed, so making them again is the resume working), so the files compared are the ones
     still there afterwards."""
-    import pyarrow.parquet as pq
-
-    def ids(paths) -> list:
-        return [i for f in paths for i in pq.read_table(f, columns=[column])[column].to_pylist()]
-
-    kept = set(ids(after[k] for k in before & set(after)))
-    return sum(1 for i in ids(after[k] for k in set(after) - before) if i in kept)
+    kept = set(read_ids((after[k] for k in before & set(after)), column))
+    return sum(1 for i in read_ids((after[k] for k in set(after) - before), column) if i in kept)
 
 
 def run_chain(label: str, base: Path, models: dict, questions: int, candidates: int, rss: PeakRSS,
@@ -354,9 +355,6 @@ def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas
     def files() -> dict:
         return stage_files(root / "responses")
 
-    def ids(paths) -> list:
-        return [i for f in paths for i in pq.read_table(f, columns=["response_id"])["response_id"].to_pylist()]
-
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     t0 = time.time()
     while True:  # half of the candidates committed
@@ -378,7 +376,7 @@ def kill_and_resume(base: Path, models: dict, inputs: Path, total: int, replicas
     m = json.loads((root / "responses" / "_manifest.json").read_text())
     after = files()
     regenerated = generated_twice(before, after, "response_id")
-    every = ids(after.values())
+    every = read_ids(after.values(), "response_id")
     once = len(every) == len(set(every)) == m["rows"] + m["excluded_rows"]
     print(f"kill: after {killed_after:.0f} s, {committed} candidates committed; rerun {rerun_s:.0f} s: "
           f"{m['resumed_rows']} taken over, {m['rows_written']} written, {regenerated} generated twice, "
@@ -450,15 +448,18 @@ def main():
         print(f"resumed after an interruption: {r['size']} {r['stage']}, {r['resumed_rows']} rows taken over, "
               f"{r['generated_twice']} generated twice")
     drivers = f"; the {big_label} peaks come from {big['drivers']} driver processes" if big["drivers"] > 1 else ""
-    if not small["peak"] or not big["peak"]:
-        raise SystemExit(f"driver peaks missing ({small_label} {small['peak']}, {big_label} {big['peak']}): "
-                         f"their stages finished in an attempt that kept no figures ({figures.path})")
-    growth = 100 * (big["peak"] - small["peak"]) / small["peak"]
-    print(f"driver peak: {small['peak']:.0f} MiB at {small_label}, {big['peak']:.0f} MiB at {big_label} "
-          f"(this attempt {time.time() - t0:.0f} s{drivers}); its own part (RssAnon) {small['own']:.0f} MiB -> "
-          f"{big['own']:.0f} MiB ({100 * (big['own'] - small['own']) / small['own']:+.1f}%)")
-    print(f"driver_peak_growth_pct={growth:.1f} overhead_ratio={ours / bare['rows_per_s']:.2f} "
+    if not small["peak"] or not big["peak"]:  # the result line still ends the output
+        print(f"driver peaks missing ({small_label} {small['peak']}, {big_label} {big['peak']}): their stages "
+              f"finished in an attempt that kept no figures ({figures.path})")
+        growth = "not_measured"
+    else:
+        growth = f"{100 * (big['peak'] - small['peak']) / small['peak']:.1f}"
+        print(f"driver peak: {small['peak']:.0f} MiB at {small_label}, {big['peak']:.0f} MiB at {big_label} "
+              f"(this attempt {time.time() - t0:.0f} s{drivers}); its own part (RssAnon) {small['own']:.0f} MiB -> "
+              f"{big['own']:.0f} MiB ({100 * (big['own'] - small['own']) / small['own']:+.1f}%)")
+    print(f"driver_peak_growth_pct={growth} overhead_ratio={ours / bare['rows_per_s']:.2f} "
           f"regenerated_after_resume={kill['regenerated']}")
+
 
 if __name__ == "__main__":
     main()
