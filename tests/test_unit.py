@@ -592,3 +592,34 @@ def test_lifeline_ends_a_spawned_child_when_its_parent_is_killed(tmp_path, with_
     finally:
         if child.is_running():
             child.kill()
+
+
+_SHM_PROBE = """
+import os, socket, sys, time
+sys.path.insert(0, os.getcwd())
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import deepspeed
+from deepspeed.comm import comm
+from scalequest_ray.train.common import skip_shm_comm_op
+skip_shm_comm_op()
+t0 = time.time()
+deepspeed.init_distributed(dist_backend="gloo")
+print(comm.cdb.shm_comm_op is None, f"{time.time() - t0:.0f}")
+"""
+
+
+def test_cpu_training_process_group_builds_no_shm_op(tmp_path):
+    """DeepSpeed's gloo process group on CPU comes up without JIT-compiling the shared-memory op
+    into an empty extensions folder (as on a fresh clone: 3 min of both cores before)."""
+    import os
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    out = subprocess.run([sys.executable, "-c", _SHM_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    no_op, seconds = out.stdout.split()[-2:]
+    assert no_op == "True" and not (tmp_path / "ext" / "deepspeed_shm_comm").exists()
+    assert int(seconds) < 30

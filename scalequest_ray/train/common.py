@@ -116,6 +116,18 @@ def read_columns(uri: str, endpoint: Optional[str], columns: list[str], limit: O
     return table.to_pydict()
 
 
+def skip_shm_comm_op():
+    """On CPU, DeepSpeed's process group JIT-compiles its shared-memory all-reduce op first: about
+    3 min of both cores on a 2-core machine, again for every new virtualenv path (the build file
+    embeds it), so on every fresh clone. The op serves only `inference_all_reduce` (AutoTP
+    inference); ZeRO-3 training reduces through the gloo group either way. DeepSpeed builds the op
+    only when its cached compatibility table says so, and keeps that table as one dict so that
+    edits to it hold (deepspeed/ops/__init__.py)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def worker_setup(c: dict, head: str = "causal"):
     """Per-worker set-up shared by the recipes: threads, DeepSpeed's process group, the model
     and its tokenizer. Returns (model, tokenizer)."""
@@ -128,6 +140,8 @@ def worker_setup(c: dict, head: str = "causal"):
     if c["deepspeed"] != "none":
         import deepspeed
 
+        if not on_gpu:
+            skip_shm_comm_op()
         # Before TrainingArguments: otherwise ZeRO-3 computes the batch size for world size 1.
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     model_path = local_model(c["model_path"], c["endpoint"])
