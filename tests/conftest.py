@@ -192,3 +192,29 @@ def full_config(model: Path, reward: Path, root: str, questions: str, bench: str
                        "responses", "reward", "selection"]
     cfg["report"] = True
     return cfg
+
+
+# Which test worker runs what (`make test`: pytest-xdist, --dist loadfile, 2 workers). The six
+# files that start engines or Ray Train take ~95% of the non-cluster time. Plain loadfile hands
+# files out by their number of tests, so the e2e and QPO-chain files (3 and 2 tests, ~10 min
+# each) went last and one worker ran them alone for minutes while the other idled. On two
+# workers the six are two work units of about equal time (CI's per-file times, 2 cores), which
+# the two workers take up as soon as the unit-test files drain; other files stay one unit each,
+# so a module's fixtures (a pipeline run) are still built once. (Not `--dist loadgroup` with
+# xdist_group marks: xdist 3.8 renames the tests through `Item._nodeid`, which pytest 9 no
+# longer reads, so the marks group nothing.)
+HEAVY_GROUPS = {"test_e2e.py": "heavy-a", "test_integration.py": "heavy-a", "test_train.py": "heavy-a",
+                "test_pipeline.py": "heavy-b", "test_qpo_pairs.py": "heavy-b", "test_scoring.py": "heavy-b"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile" or config.getvalue("numprocesses") != 2:
+        return None  # xdist's own scheduler
+    from xdist.scheduler import LoadFileScheduling
+
+    class HeavyPairs(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return HEAVY_GROUPS.get(Path(file).name, file)
+
+    return HeavyPairs(config, log)
