@@ -207,6 +207,7 @@ HEAVY_GROUPS = {"test_e2e.py": "heavy-a", "test_integration.py": "heavy-a", "tes
                 "test_pipeline.py": "heavy-b", "test_qpo_pairs.py": "heavy-b", "test_scoring.py": "heavy-b"}
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist must not reject it
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadfile" or config.getvalue("numprocesses") != 2:
         return None  # xdist's own scheduler
